@@ -1,0 +1,1 @@
+"""The sitemessage Django app: models, message types, the scheduling API, the delivery pipeline."""

@@ -1,0 +1,220 @@
+"""The delivery pipeline: claim -> render -> send -> persist, for one batch of one messenger.
+
+Claiming is one UPDATE: only PENDING rows, and ERROR rows whose retry is due, become PROCESSING
+under this run's lease. Rows claimed by another run or already sent are skipped, so a task that
+the broker delivers twice sends nothing twice. Outcomes are written in small chunks while the
+batch is being sent, so a worker killed mid-batch loses the record of at most one chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import groupby
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from messengers.base import Outcome, outcome_listener, unmarked, warm_up
+from messengers.registry import get_registered_messenger_object
+
+from .messages import MessageBase, get_registered_message_type
+from .models import Dispatch, DispatchError
+from .toolbox import setting
+
+logger = logging.getLogger(__name__)
+Status = Dispatch.Status
+
+
+@dataclass
+class BatchResult:
+    claimed: int = 0
+    sent: int = 0
+    errors: int = 0
+    failed: int = 0
+
+
+def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
+    """Delivers the given dispatches of one messenger; returns what happened to them."""
+    messenger = get_registered_messenger_object(alias)
+    dispatches = claim(alias, dispatch_ids, owner)
+    recorder = Recorder(owner)
+    recorder.result.claimed = len(dispatches)
+    if not dispatches:
+        return recorder.result
+    token = outcome_listener.set(recorder.add)
+    try:
+        try:
+            warm_up(messenger)
+        except Exception as exc:
+            logger.warning("messenger %s could not start: %s", alias, exc)
+            for dispatch in dispatches:
+                messenger.mark_exception(dispatch, exc)
+        else:
+            for _, group in groupby(dispatches, key=lambda d: d.message_id):
+                _send_message(messenger, list(group))
+        for dispatch in unmarked(dispatches):
+            messenger.mark_error(
+                dispatch, f"messenger {alias} returned without marking the dispatch"
+            )
+    finally:
+        outcome_listener.reset(token)
+        recorder.flush()
+    return recorder.result
+
+
+def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
+    """Takes the claimable rows among ``dispatch_ids`` for ``owner``; returns them."""
+    now = timezone.now()
+    claimable = Dispatch.objects.filter(pk__in=dispatch_ids, messenger=alias).filter(
+        Q(status=Status.PENDING) | Q(status=Status.ERROR, next_attempt_at__lte=now)
+    )
+    taken = claimable.update(
+        status=Status.PROCESSING,
+        lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=setting("LEASE_SECONDS", 600)),
+        attempts=F("attempts") + 1,
+    )
+    if not taken:
+        return []
+    return list(
+        Dispatch.objects.filter(pk__in=dispatch_ids, status=Status.PROCESSING, lease_owner=owner)
+        .select_related("message", "recipient")
+        .order_by("message_id", "pk")
+    )
+
+
+def _send_message(messenger: Any, dispatches: list[Dispatch]) -> None:
+    message_model = dispatches[0].message
+    try:
+        message_cls = get_registered_message_type(message_model.cls)
+    except LookupError as exc:
+        for dispatch in dispatches:
+            messenger.mark_error(dispatch, exc)
+        return
+    ready = []
+    for dispatch in dispatches:
+        if not dispatch.message_cache:
+            try:
+                dispatch.message_cache = message_cls.render(message_model, dispatch)
+            except Exception as exc:
+                logger.warning("rendering dispatch %s failed: %r", dispatch.pk, exc)
+                messenger.mark_error(dispatch, exc)
+                continue
+        ready.append(dispatch)
+    if not ready:
+        return
+    try:
+        messenger.send(message_cls, message_model, ready)
+    except Exception as exc:
+        logger.warning(
+            "messenger %s raised while sending message %s: %r", messenger, message_model.pk, exc
+        )
+        for dispatch in unmarked(ready):
+            messenger.mark_exception(dispatch, exc)
+
+
+class Recorder:
+    """Collects marked dispatches and writes them in chunks, only while this run still owns
+    them."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.pending: list[Dispatch] = []
+        self.result = BatchResult()
+        self.chunk = int(setting("OUTCOME_CHUNK", 20))
+
+    def add(self, dispatch: Dispatch) -> None:
+        self.pending.append(dispatch)
+        if len(self.pending) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        now = timezone.now()
+        errors = []
+        for dispatch in pending:
+            error = apply_outcome(dispatch, dispatch.outcome, now)
+            if error is not None:
+                errors.append(error)
+            setattr(
+                self.result,
+                _COUNTER[dispatch.status],
+                getattr(self.result, _COUNTER[dispatch.status]) + 1,
+            )
+        with transaction.atomic():
+            owned = set(
+                Dispatch.objects.select_for_update()
+                .filter(
+                    pk__in=[d.pk for d in pending], status=Status.PROCESSING, lease_owner=self.owner
+                )
+                .values_list("pk", flat=True)
+            )
+            Dispatch.objects.bulk_update([d for d in pending if d.pk in owned], _OUTCOME_FIELDS)
+            DispatchError.objects.bulk_create([e for e in errors if e.dispatch_id in owned])
+        if len(owned) < len(pending):
+            logger.warning(
+                "%d outcomes dropped: their lease expired and another run took them",
+                len(pending) - len(owned),
+            )
+
+
+_COUNTER: dict[str, str] = {Status.SENT: "sent", Status.ERROR: "errors", Status.FAILED: "failed"}
+_OUTCOME_FIELDS = [
+    "status",
+    "sent_at",
+    "provider_message_id",
+    "next_attempt_at",
+    "lease_owner",
+    "lease_expires_at",
+    "message_cache",
+]
+
+
+def apply_outcome(dispatch: Dispatch, outcome: Outcome, now: datetime) -> DispatchError | None:
+    """Sets the row fields for an outcome; returns the error record to store, if any."""
+    dispatch.lease_owner = ""
+    dispatch.lease_expires_at = None
+    dispatch.next_attempt_at = None
+    if outcome.status == "sent":
+        dispatch.status = Status.SENT
+        dispatch.sent_at = now
+        dispatch.provider_message_id = outcome.provider_id[:255]
+        return None
+    limit = retry_limit(dispatch.message.cls)
+    if outcome.status == "failed" or dispatch.attempts >= limit:
+        dispatch.status = Status.FAILED
+    else:
+        dispatch.status = Status.ERROR
+        delay = max(backoff(dispatch.attempts), outcome.retry_after or 0)
+        dispatch.next_attempt_at = now + timedelta(seconds=delay)
+    error = outcome.error
+    return DispatchError(
+        dispatch=dispatch,
+        attempt=dispatch.attempts,
+        exc_type=type(error).__name__ if isinstance(error, BaseException) else "",
+        error=str(error),
+        time_created=now,
+    )
+
+
+def retry_limit(message_type: str) -> int:
+    try:
+        return get_registered_message_type(message_type).send_retry_limit
+    except LookupError:
+        return MessageBase.send_retry_limit
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next attempt: exponential in the attempts made, capped, with jitter
+    (between half and all of it) so a burst of failures does not come back as one burst."""
+    base = float(setting("RETRY_BACKOFF", 30))
+    cap = float(setting("RETRY_BACKOFF_MAX", 3600))
+    delay = min(cap, base * 2 ** max(attempts - 1, 0))
+    return delay / 2 + random.uniform(0, delay / 2)

@@ -1,0 +1,86 @@
+"""The sweep: the database is the source of truth, the broker only carries hints.
+
+Run by beat every SITEMESSAGE_SWEEP_INTERVAL seconds (and by ``manage.py
+sitemessage_send_scheduled``). It is idempotent and safe to overlap with itself: publishing an
+id twice is harmless because delivery claims rows atomically.
+
+- PROCESSING rows whose lease expired (their worker died) go back to ERROR, due now, or to
+  FAILED when they used up their attempts;
+- PENDING rows whose ``next_attempt_at`` passed (a publish lost at commit time, a broker that
+  lost its queues) and ERROR rows whose retry is due are published again, and stay PENDING with
+  a new ``next_attempt_at`` so the next sweep does not publish them again while they wait in a
+  queue.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
+from .models import Dispatch, DispatchError
+from .pipeline import retry_limit
+from .toolbox import enqueue, setting
+
+Status = Dispatch.Status
+
+
+def republish_at() -> timedelta:
+    """How long a published dispatch may wait in its queue before the sweep publishes it again."""
+    return timedelta(seconds=setting("REPUBLISH_AFTER", 300))
+
+
+def sweep(priority: int | None = None) -> dict[str, int]:
+    now = timezone.now()
+    expired, failed = release_expired_leases(now)
+    due = Dispatch.objects.filter(status__in=[Status.PENDING, Status.ERROR]).filter(
+        Q(next_attempt_at__lte=now) | Q(next_attempt_at__isnull=True)
+    )
+    if priority is not None:
+        due = due.filter(message__priority=priority)
+    rows = list(
+        due.order_by("-message__priority", "pk").values_list("pk", "messenger")[
+            : setting("SWEEP_LIMIT", 10000)
+        ]
+    )
+    Dispatch.objects.filter(
+        pk__in=[pk for pk, _ in rows], status__in=[Status.PENDING, Status.ERROR]
+    ).update(status=Status.PENDING, next_attempt_at=now + republish_at())
+    ids_by_messenger: dict[str, list[int]] = defaultdict(list)
+    for pk, messenger in rows:
+        ids_by_messenger[messenger].append(pk)
+    enqueue(ids_by_messenger)
+    return {"expired": expired, "failed": failed, "published": len(rows)}
+
+
+def release_expired_leases(now: datetime) -> tuple[int, int]:
+    """Returns the rows a dead worker left PROCESSING to ERROR (or FAILED at the limit)."""
+    rows = list(
+        Dispatch.objects.filter(status=Status.PROCESSING, lease_expires_at__lt=now).values_list(
+            "pk", "attempts", "message__cls", "lease_owner"
+        )
+    )
+    if not rows:
+        return 0, 0
+    final = [pk for pk, attempts, cls, _ in rows if attempts >= retry_limit(cls)]
+    retry = [pk for pk, attempts, cls, _ in rows if attempts < retry_limit(cls)]
+    stuck = Dispatch.objects.filter(status=Status.PROCESSING, lease_expires_at__lt=now)
+    failed = stuck.filter(pk__in=final).update(
+        status=Status.FAILED, lease_owner="", lease_expires_at=None, next_attempt_at=None
+    )
+    released = stuck.filter(pk__in=retry).update(
+        status=Status.ERROR, lease_owner="", lease_expires_at=None, next_attempt_at=now
+    )
+    DispatchError.objects.bulk_create(
+        DispatchError(
+            dispatch_id=pk,
+            attempt=attempts,
+            exc_type="LeaseExpired",
+            error=f"the worker {owner} did not finish the dispatch before its lease expired",
+            time_created=now,
+        )
+        for pk, attempts, _, owner in rows
+    )
+    return released, failed

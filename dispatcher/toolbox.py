@@ -1,0 +1,230 @@
+"""The producer API: recipients(), schedule() (the body of the schedule_messages task) and
+send_test_message().
+
+Everything is validated before anything is written: a call either stores the messages and all
+their dispatches, or raises a ScheduleError and leaves no row behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import models, transaction
+from django.utils import timezone
+
+from messengers.base import MessengerBase, alias_of
+from messengers.exceptions import InvalidAddressError, InvalidContextError, ScheduleError
+from messengers.registry import get_registered_messenger_object
+
+from .messages import MessageBase, PlainTextMessage, get_registered_message_type
+from .models import Dispatch, Message
+
+logger = logging.getLogger(__name__)
+
+#: Highest priority a Message row can store.
+MAX_PRIORITY = 32767
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One address of one messenger, and the user it belongs to (if any)."""
+
+    messenger: str
+    user: Any
+    address: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"messenger": self.messenger, "user": _user_pk(self.user), "address": self.address}
+
+
+def recipients(
+    messenger: str | type[MessengerBase] | MessengerBase, addresses_or_users: Any
+) -> list[Recipient]:
+    """Builds the recipient list of one messenger from addresses and user objects.
+    Lists from several calls can be added together."""
+    messenger_obj = get_registered_messenger_object(messenger)
+    alias = alias_of(messenger_obj)
+    if isinstance(addresses_or_users, str | models.Model) or not isinstance(
+        addresses_or_users, Iterable
+    ):
+        addresses_or_users = [addresses_or_users]
+    result = []
+    for item in addresses_or_users:
+        user = item if isinstance(item, models.Model) else None
+        if user is not None:
+            check_user(user, "recipient")
+        address = messenger_obj.get_address(item)
+        if not isinstance(address, str) or (user is not None and not address):
+            what = f"user {user!r} (pk {user.pk})" if user is not None else repr(item)[:100]
+            raise InvalidAddressError(f"messenger {alias!r}: {what} has no address for it")
+        result.append(Recipient(alias, user, address))
+    for recipient in result:
+        messenger_obj.validate_address(recipient.address)
+    return result
+
+
+def schedule(
+    messages: Any,
+    recipients: Iterable[Recipient] | None = None,
+    sender: Any = None,
+    priority: int | None = None,
+) -> list[tuple[Message, list[Dispatch]]]:
+    """Stores messages and one dispatch per recipient, then (after commit) enqueues one
+    delivery task per messenger batch. Returns the (message, dispatches) pairs; an empty
+    recipient list stores nothing. Duplicate (messenger, address) pairs are sent once."""
+    message_objs = as_messages(messages)
+    recipient_list = checked_recipients(recipients)
+    if sender is not None:
+        check_user(sender, "sender")
+    if priority is not None and not (
+        isinstance(priority, int)
+        and not isinstance(priority, bool)
+        and 0 <= priority <= MAX_PRIORITY
+    ):
+        raise ScheduleError(
+            f"priority must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}"
+        )
+    contexts = [checked_context(message) for message in message_objs]
+    if not recipient_list:
+        return []
+
+    created = []
+    republish_at = timezone.now() + timedelta(seconds=setting("REPUBLISH_AFTER", 300))
+    ids_by_messenger: dict[str, list[int]] = defaultdict(list)
+    with transaction.atomic():
+        for message, context in zip(message_objs, contexts, strict=True):
+            message_model = Message.objects.create(
+                cls=message.get_alias(),
+                context=context,
+                sender=sender,
+                priority=message.priority if priority is None else priority,
+            )
+            dispatches = Dispatch.objects.bulk_create(
+                [
+                    Dispatch(
+                        message=message_model,
+                        messenger=r.messenger,
+                        recipient=r.user,
+                        address=r.address,
+                        next_attempt_at=republish_at,
+                    )
+                    for r in recipient_list
+                ],
+                batch_size=500,
+            )
+            for dispatch in dispatches:
+                ids_by_messenger[dispatch.messenger].append(dispatch.pk)
+            created.append((message_model, dispatches))
+        transaction.on_commit(lambda: enqueue(ids_by_messenger))
+    return created
+
+
+def enqueue(ids_by_messenger: dict[str, list[int]]) -> None:
+    """Publishes delivery tasks. A broker failure is logged, not raised: the rows are stored
+    and stay pending, and the sweep publishes them again."""
+    from . import tasks
+
+    for alias, ids in ids_by_messenger.items():
+        try:
+            tasks.enqueue_dispatches(alias, ids)
+        except Exception:
+            logger.exception(
+                "could not publish %d %s dispatches; they stay pending for the sweep",
+                len(ids),
+                alias,
+            )
+
+
+def send_test_message(messenger: str, to: str | None = None) -> Any:
+    """Sends a test message through a registered messenger, in this process; raises on failure."""
+    messenger_obj = get_registered_messenger_object(messenger)
+    return messenger_obj.send_test_message(to, "Test message from sitemessage.")  # type: ignore[arg-type]
+
+
+def setting(name: str, default: Any) -> Any:
+    return getattr(settings, f"SITEMESSAGE_{name}", default)
+
+
+def batch_size() -> int:
+    return int(setting("BATCH_SIZE", 100))
+
+
+def as_messages(messages: Any) -> list[MessageBase]:
+    items = messages if isinstance(messages, list | tuple) else [messages]
+    if not items:
+        raise ScheduleError("no message given")
+    result = []
+    for item in items:
+        if isinstance(item, str):
+            item = PlainTextMessage(item)
+        if not isinstance(item, MessageBase):
+            raise ScheduleError(
+                f"a message must be a str or a MessageBase instance, got {type(item).__name__}"
+            )
+        registered = get_registered_message_type(item.get_alias())
+        if not isinstance(item, registered):
+            raise ScheduleError(
+                f"message type {item.get_alias()!r} is registered for {registered.__name__}, "
+                f"not {type(item).__name__}"
+            )
+        result.append(item)
+    return result
+
+
+def checked_recipients(items: Iterable[Recipient] | None) -> list[Recipient]:
+    result: dict[tuple[str, str], Recipient] = {}
+    for recipient in items or []:
+        if not isinstance(recipient, Recipient):
+            raise ScheduleError(
+                f"recipients must come from recipients(), got {type(recipient).__name__}"
+            )
+        messenger = get_registered_messenger_object(recipient.messenger)
+        if not isinstance(recipient.address, str):
+            raise InvalidAddressError(
+                f"messenger {recipient.messenger!r}: address must be a string, "
+                f"got {type(recipient.address).__name__}"
+            )
+        messenger.validate_address(recipient.address)
+        if recipient.user is not None:
+            check_user(recipient.user, "recipient")
+        result.setdefault((recipient.messenger, recipient.address), recipient)
+    return list(result.values())
+
+
+def checked_context(message: MessageBase) -> dict[str, Any]:
+    context = message.context
+    if not isinstance(context, dict):
+        raise InvalidContextError(
+            f"context of {message.get_alias()!r} must be a dict, got {type(context).__name__}"
+        )
+    try:
+        text = json.dumps(context, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidContextError(
+            f"context of {message.get_alias()!r} is not JSON: {exc}"
+        ) from None
+    if "\\u0000" in text:
+        raise InvalidContextError(
+            f"context of {message.get_alias()!r} contains a NUL character, which databases "
+            "cannot store in JSON"
+        )
+    return json.loads(text)
+
+
+def check_user(user: Any, role: str) -> None:
+    if not isinstance(user, get_user_model()):
+        raise ScheduleError(f"{role} must be a {get_user_model().__name__}, got {user!r}")
+    if user.pk is None:
+        raise ScheduleError(f"{role} {user!r} is not saved")
+
+
+def _user_pk(user: Any) -> Any:
+    return None if user is None else user.pk

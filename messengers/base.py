@@ -1,0 +1,206 @@
+"""MessengerBase: what every channel implements, and the small lifecycle the workers drive.
+
+A messenger never touches the database. ``send()`` records one outcome per dispatch with
+``mark_sent()``, ``mark_error()`` or ``mark_failed()``; the delivery pipeline
+(``dispatcher.pipeline``) turns outcomes into rows, decides retry versus final, and owns the
+batch. Messengers know nothing of Celery either, so they can be tested on their own.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .exceptions import DeliveryError, InvalidAddressError
+
+if TYPE_CHECKING:
+    from dispatcher.messages import MessageBase
+    from dispatcher.models import Dispatch, Message
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+#: Longest address a dispatch row can hold.
+MAX_ADDRESS_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a messenger decided for one dispatch."""
+
+    status: Literal["sent", "error", "failed"]
+    error: BaseException | str | None = None
+    provider_id: str = ""
+    #: Seconds the provider asked us to wait (rate limits); None lets the backoff decide.
+    retry_after: float | None = None
+
+
+#: Receives every dispatch as soon as it is marked, so the pipeline can persist outcomes in
+#: small chunks while a long batch is still being sent.
+outcome_listener: contextvars.ContextVar[Callable[[Any], None] | None] = contextvars.ContextVar(
+    "sitemessage_outcome_listener", default=None
+)
+
+
+class MessengerBase:
+    """Base class of every messenger, builtin or user-defined.
+
+    Subclasses set ``alias`` and implement ``send()``; those that hold a connection implement
+    ``before_send()``/``after_send()`` too. A worker process calls ``before_send()`` once when
+    it starts and ``after_send()`` once when it stops; every batch in between calls ``send()``
+    on the same, warm, instance.
+    """
+
+    #: Short unique name: ``recipients('smtp', ...)``, queue ``messenger.smtp``.
+    #: Defaults to the class name.
+    alias: str | None = None
+
+    #: Human-readable name for the admin.
+    title: str | None = None
+
+    #: Attribute of a user object that holds the user's address for this messenger.
+    address_attr: str | None = None
+
+    #: Delivery rate shared by every worker of this messenger, e.g. ``'30/s'``; None: no limit.
+    rate_limit: str | None = None
+
+    @classmethod
+    def get_alias(cls) -> str:
+        return cls.alias or cls.__name__
+
+    def __str__(self) -> str:
+        return alias_of(self)
+
+    @classmethod
+    def get_address(cls, recipient: Any) -> Any:
+        """Returns the address of a recipient: a string is taken as it is, a user object gives
+        its ``address_attr`` attribute."""
+        if isinstance(recipient, str) or not cls.address_attr:
+            return recipient
+        return getattr(recipient, cls.address_attr, None)
+
+    @classmethod
+    def validate_address(cls, address: str) -> None:
+        """Raises InvalidAddressError for an address this messenger cannot deliver to.
+        Called by schedule_messages() before anything is written."""
+        if not address or not address.strip():
+            raise InvalidAddressError(f"messenger {cls.get_alias()!r}: empty address")
+        if len(address) > MAX_ADDRESS_LENGTH:
+            raise InvalidAddressError(
+                f"messenger {cls.get_alias()!r}: address longer than {MAX_ADDRESS_LENGTH} "
+                f"characters ({len(address)})"
+            )
+        if _CONTROL_CHARS.search(address):
+            raise InvalidAddressError(
+                f"messenger {cls.get_alias()!r}: address {address!r} contains control characters"
+            )
+
+    def before_send(self) -> None:
+        """Warm up (connect, log in). Called once per worker process before its first batch, and
+        by send_test_message(). Must be harmless when called twice; may raise, in which case the
+        first batch calls it again."""
+
+    def after_send(self) -> None:
+        """Cool down (disconnect). Called once when the worker process stops. Must be harmless
+        without a preceding before_send()."""
+
+    def send(
+        self,
+        message_cls: type[MessageBase],
+        message_model: Message,
+        dispatch_models: list[Dispatch],
+    ) -> None:
+        """Delivers one message to a batch of its dispatches and marks each of them.
+
+        ``dispatch_models[i].address`` is where to send, ``.message_cache`` the body rendered
+        for that recipient. An exception raised here marks every dispatch not marked yet as
+        errored (or failed, for a PermanentDeliveryError)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement "
+            "send(self, message_cls, message_model, dispatch_models)"
+        )
+
+    def send_test_message(self, to: str, text: str) -> Any:
+        """Sends ``text`` to ``to`` right now, in this process. Raises on failure."""
+        self.before_send()
+        try:
+            return self._test_message(to, text)
+        finally:
+            self.after_send()
+
+    def _test_message(self, to: str, text: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} cannot send test messages")
+
+    def mark_sent(self, dispatch: Dispatch, *, provider_id: str = "") -> None:
+        """Records a delivered dispatch; ``provider_id`` is the provider's id for it."""
+        _mark(dispatch, Outcome("sent", provider_id=str(provider_id or "")))
+
+    def mark_error(
+        self, dispatch: Dispatch, error: BaseException | str, message_cls: Any = None
+    ) -> None:
+        """Records a temporary failure: the dispatch is retried later."""
+        _mark(dispatch, Outcome("error", error, retry_after=_retry_after(error)))
+
+    def mark_failed(
+        self, dispatch: Dispatch, error: BaseException | str, message_cls: Any = None
+    ) -> None:
+        """Records a permanent failure: the dispatch is not retried."""
+        _mark(dispatch, Outcome("failed", error))
+
+    def mark_exception(self, dispatch: Dispatch, error: BaseException) -> None:
+        """Records an exception as temporary or permanent, by its class."""
+        if isinstance(error, DeliveryError) and not error.temporary:
+            self.mark_failed(dispatch, error)
+        elif isinstance(error, NotImplementedError):
+            self.mark_failed(dispatch, error)
+        else:
+            self.mark_error(dispatch, error)
+
+
+def _retry_after(error: object) -> float | None:
+    return getattr(error, "retry_after", None)
+
+
+def _mark(dispatch: Any, outcome: Outcome) -> None:
+    dispatch.outcome = outcome
+    listener = outcome_listener.get()
+    if listener is not None:
+        listener(dispatch)
+
+
+def alias_of(messenger: Any) -> str:
+    """The alias of a messenger instance, class or alias string."""
+    if isinstance(messenger, str):
+        return messenger
+    alias = getattr(messenger, "alias", None)
+    if alias:
+        return str(alias)
+    cls = messenger if isinstance(messenger, type) else type(messenger)
+    return cls.__name__
+
+
+_lifecycle_lock = threading.RLock()
+
+
+def warm_up(messenger: MessengerBase) -> None:
+    """Runs before_send() unless this messenger is already warm."""
+    with _lifecycle_lock:
+        if not messenger.__dict__.get("_sm_warm"):
+            messenger.before_send()
+            messenger.__dict__["_sm_warm"] = True
+
+
+def cool_down(messenger: MessengerBase) -> None:
+    """Runs after_send() if this messenger is warm; it is cold afterwards whatever happens."""
+    with _lifecycle_lock:
+        if messenger.__dict__.get("_sm_warm"):
+            try:
+                messenger.after_send()
+            finally:
+                messenger.__dict__["_sm_warm"] = False
+
+
+def unmarked(dispatches: Iterable[Any]) -> list[Any]:
+    return [d for d in dispatches if getattr(d, "outcome", None) is None]

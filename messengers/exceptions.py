@@ -1,0 +1,125 @@
+"""Errors raised by sitemessage.
+
+Hierarchy::
+
+    SitemessageError
+     +-- ScheduleError                 bad input to schedule_messages()/recipients(); nothing written
+     |    +-- UnknownMessengerError    an alias that is not registered (also a LookupError)
+     |    +-- UnknownMessageTypeError  a message type that is not registered (also a LookupError)
+     |    +-- InvalidAddressError      an empty or malformed address, a user without one
+     |    +-- InvalidContextError      a message context that is not JSON
+     +-- DeliveryError                 a messenger could not deliver (carries alias, dispatch, response)
+          +-- TemporaryDeliveryError   worth retrying: timeouts, refused connections, SMTP 4xx, HTTP 429/5xx
+          +-- PermanentDeliveryError   retrying cannot help: SMTP 5xx for a recipient, HTTP 4xx
+
+    MessengerConfigurationError        a messenger option that is unknown or invalid; deliberately
+                                       outside SitemessageError (it is an ImproperlyConfigured) so
+                                       that a delivery loop catching SitemessageError cannot hide it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class SitemessageError(Exception):
+    """Root of every error sitemessage raises on purpose."""
+
+
+class ScheduleError(SitemessageError, ValueError):
+    """schedule_messages() or recipients() was given input it cannot store."""
+
+
+class UnknownMessengerError(ScheduleError, LookupError):
+    """No messenger is registered under the alias."""
+
+    def __init__(self, alias: object, registered: list[str]) -> None:
+        self.alias = alias
+        self.registered = registered
+        known = ", ".join(repr(a) for a in sorted(registered)) or "none"
+        super().__init__(
+            f"messenger {alias!r} is not registered; registered messengers: {known}"
+            f"{_did_you_mean(alias, registered)}"
+        )
+
+
+class UnknownMessageTypeError(ScheduleError, LookupError):
+    """No message type is registered under the alias."""
+
+    def __init__(self, alias: object, registered: list[str]) -> None:
+        self.alias = alias
+        self.registered = registered
+        known = ", ".join(repr(a) for a in sorted(registered)) or "none"
+        super().__init__(
+            f"message type {alias!r} is not registered (register it with "
+            f"register_message_types() in a sitemessages.py module); registered types: {known}"
+            f"{_did_you_mean(alias, registered)}"
+        )
+
+
+class InvalidAddressError(ScheduleError):
+    """An address that the messenger cannot deliver to."""
+
+
+class InvalidContextError(ScheduleError):
+    """A message context that cannot be stored as JSON."""
+
+
+class DeliveryError(SitemessageError):
+    """A messenger failed to deliver; says which messenger, which dispatch and what the
+    provider answered."""
+
+    #: Whether the pipeline should try again later.
+    temporary = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        alias: str | None = None,
+        dispatch_id: int | None = None,
+        response: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.alias = alias
+        self.dispatch_id = dispatch_id
+        self.response = response
+        #: Seconds the provider asked us to wait before the next attempt (HTTP Retry-After).
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        where = ", ".join(
+            f"{name}={value}"
+            for name, value in (("messenger", self.alias), ("dispatch", self.dispatch_id))
+            if value is not None
+        )
+        if self.response is not None:
+            where = (
+                f"{where}, response={self.response!r}" if where else f"response={self.response!r}"
+            )
+        return f"{text} ({where})" if where else text
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """Delivery failed for a reason that may go away: the dispatch is retried."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Delivery failed for good: the dispatch is marked failed at once."""
+
+    temporary = False
+
+
+class MessengerConfigurationError(ImproperlyConfigured):
+    """A messenger was configured with an unknown or invalid option."""
+
+
+def _did_you_mean(name: object, candidates: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), candidates, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

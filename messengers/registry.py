@@ -1,0 +1,110 @@
+"""The messenger registry: aliases to configured messenger objects.
+
+Messengers are registered in code (``register_messenger_objects()`` in a ``sitemessages.py``
+module of any installed app, imported at startup) or from the ``SITEMESSAGE_MESSENGERS``
+setting::
+
+    SITEMESSAGE_MESSENGERS = {
+        "smtp": {"options": {"from_email": os.environ["FROM_EMAIL"]}},   # a builtin alias
+        "mine": {"class": "myapp.messengers.MyMessenger", "options": {...}},
+    }
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from django.utils.module_loading import import_string
+
+from .base import MessengerBase, alias_of
+from .exceptions import MessengerConfigurationError, UnknownMessengerError, _did_you_mean
+
+#: Classes of the builtin aliases, so settings can name them without a "class".
+BUILTIN_MESSENGERS = {
+    "smtp": "messengers.smtp.SMTPMessenger",
+    "xmppsleek": "messengers.xmpp.XMPPSleekMessenger",
+    "twitter": "messengers.twitter.TwitterMessenger",
+    "telegram": "messengers.telegram.TelegramMessenger",
+}
+
+logger = logging.getLogger(__name__)
+_registry: dict[str, MessengerBase] = {}
+
+
+def register_messenger_objects(*messengers: MessengerBase) -> None:
+    """Registers (configures) messengers under their aliases; a later one replaces an earlier
+    one with the same alias."""
+    for messenger in messengers:
+        if not isinstance(messenger, MessengerBase):
+            raise TypeError(
+                f"register_messenger_objects() takes MessengerBase instances, got {messenger!r}"
+            )
+        if type(messenger).send is MessengerBase.send:
+            logger.warning(
+                "messenger %s does not implement send(self, message_cls, message_model, "
+                "dispatch_models) as a method: its dispatches will fail",
+                type(messenger).__name__,
+            )
+        _registry[alias_of(messenger)] = messenger
+
+
+def get_registered_messenger_objects() -> dict[str, MessengerBase]:
+    """Returns the registered messengers indexed by alias."""
+    return dict(_registry)
+
+
+def get_registered_messenger_object(messenger: str | type | MessengerBase) -> MessengerBase:
+    """Returns the registered messenger for an alias (or a messenger class or object)."""
+    alias = alias_of(messenger)
+    try:
+        return _registry[alias]
+    except KeyError:
+        raise UnknownMessengerError(alias, list(_registry)) from None
+
+
+def messenger_from_settings(alias: str, conf: dict[str, Any]) -> MessengerBase:
+    """Builds one messenger from its SITEMESSAGE_MESSENGERS entry; every problem names the
+    alias it belongs to."""
+    unknown_keys = set(conf) - {"class", "options"}
+    if unknown_keys:
+        raise MessengerConfigurationError(
+            f"SITEMESSAGE_MESSENGERS[{alias!r}]: unknown key(s) {sorted(unknown_keys)}; "
+            "expected 'class' and 'options'"
+        )
+    path = conf.get("class") or BUILTIN_MESSENGERS.get(alias)
+    if not path:
+        raise MessengerConfigurationError(
+            f"SITEMESSAGE_MESSENGERS[{alias!r}]: no 'class' given and {alias!r} is not a builtin "
+            f"messenger ({', '.join(BUILTIN_MESSENGERS)})"
+        )
+    cls = import_string(path) if isinstance(path, str) else path
+    options = dict(conf.get("options") or {})
+    check_options(alias, cls, options)
+    messenger = cls(**options)
+    if alias_of(messenger) != alias:
+        messenger.alias = alias
+    return messenger
+
+
+def check_options(alias: str, cls: type, options: dict[str, Any]) -> None:
+    """Raises MessengerConfigurationError for options the messenger's constructor does not take."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [
+        name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    for name in options:
+        if name not in accepted:
+            raise MessengerConfigurationError(
+                f"messenger {alias!r} ({cls.__name__}): unknown option {name!r}"
+                f"{_did_you_mean(name, accepted)}; accepted options: {', '.join(accepted) or 'none'}"
+            )
+
+
+def register_from_settings(messengers: dict[str, dict[str, Any]]) -> None:
+    register_messenger_objects(
+        *(messenger_from_settings(alias, conf or {}) for alias, conf in messengers.items())
+    )

@@ -1,0 +1,217 @@
+"""SMTPMessenger: e-mail over one SMTP connection kept open for the life of a worker process."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from email.utils import make_msgid
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.mail import EmailMessage
+from django.core.mail.utils import DNS_NAME
+from django.core.validators import validate_email
+
+from .base import MessengerBase
+from .exceptions import InvalidAddressError, PermanentDeliveryError, TemporaryDeliveryError
+
+if TYPE_CHECKING:
+    from dispatcher.messages import MessageBase
+    from dispatcher.models import Dispatch, Message
+
+#: Seconds a socket operation may take when neither the messenger nor EMAIL_TIMEOUT says.
+DEFAULT_TIMEOUT = 10.0
+
+
+class SMTPMessenger(MessengerBase):
+    """Sends e-mail over SMTP. Every argument left as None falls back to Django's matching
+    ``EMAIL_*`` setting (``DEFAULT_FROM_EMAIL`` for ``from_email``), read when connecting."""
+
+    alias = "smtp"
+    title = "E-mail"
+    address_attr = "email"
+
+    def __init__(
+        self,
+        from_email: str | None = None,
+        login: str | None = None,
+        password: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        use_tls: bool | None = None,
+        use_ssl: bool | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self._options = {
+            "from_email": from_email,
+            "login": login,
+            "password": password,
+            "host": host,
+            "port": port,
+            "use_tls": use_tls,
+            "use_ssl": use_ssl,
+            "timeout": timeout,
+        }
+        self._conn: smtplib.SMTP | None = None
+
+    def _opt(self, name: str) -> Any:
+        value = self._options[name]
+        if value is not None:
+            return value
+        return {
+            "from_email": settings.DEFAULT_FROM_EMAIL,
+            "login": settings.EMAIL_HOST_USER,
+            "password": settings.EMAIL_HOST_PASSWORD,
+            "host": settings.EMAIL_HOST,
+            "port": settings.EMAIL_PORT,
+            "use_tls": settings.EMAIL_USE_TLS,
+            "use_ssl": settings.EMAIL_USE_SSL,
+            "timeout": settings.EMAIL_TIMEOUT or DEFAULT_TIMEOUT,
+        }[name]
+
+    @classmethod
+    def validate_address(cls, address: str) -> None:
+        super().validate_address(address)
+        try:
+            validate_email(address)
+        except ValidationError:
+            raise InvalidAddressError(
+                f"messenger 'smtp': {address!r} is not a valid e-mail address"
+            ) from None
+
+    def before_send(self) -> None:
+        self._ensure_connection()
+
+    def after_send(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                conn.close()
+
+    def send(
+        self,
+        message_cls: type[MessageBase],
+        message_model: Message,
+        dispatch_models: list[Dispatch],
+    ) -> None:
+        self._ensure_connection()
+        for dispatch in dispatch_models:
+            email = self._build(message_cls, message_model, dispatch)
+            try:
+                self._deliver(email, dispatch.address, dispatch.pk)
+            except (TemporaryDeliveryError, PermanentDeliveryError) as error:
+                self.mark_exception(dispatch, error)
+                if self._conn is None:  # the connection died: reconnect for the next dispatch
+                    self._ensure_connection()
+            else:
+                self.mark_sent(dispatch, provider_id=email.extra_headers["Message-ID"])
+
+    def _test_message(self, to: str, text: str) -> str:
+        email = EmailMessage("Test message from sitemessage", text, self._opt("from_email"), [to])
+        email.extra_headers["Message-ID"] = make_msgid(domain=self._domain())
+        self._deliver(email, to, None)
+        return email.extra_headers["Message-ID"]
+
+    def _build(
+        self, message_cls: type[MessageBase], message_model: Message, dispatch: Dispatch
+    ) -> EmailMessage:
+        context = message_model.context or {}
+        email = EmailMessage(
+            subject=str(context.get("subject") or ""),
+            body=dispatch.message_cache,
+            from_email=self._opt("from_email"),
+            to=[dispatch.address],
+            headers={
+                # Stable per dispatch: a receiver can drop the duplicate of a redelivered batch.
+                "Message-ID": f"<sitemessage.{message_model.pk}.{dispatch.pk}@{self._domain()}>"
+            },
+        )
+        email.content_subtype = getattr(message_cls, "content_subtype", "plain")
+        return email
+
+    def _domain(self) -> str:
+        sender = str(self._opt("from_email"))
+        return sender.rpartition("@")[2].strip(">") or str(DNS_NAME)
+
+    def _deliver(self, email: EmailMessage, to: str, dispatch_id: int | None) -> None:
+        """Sends one e-mail on the open connection; raises a Temporary- or
+        PermanentDeliveryError (closing the connection when it is no longer usable)."""
+        assert self._conn is not None
+        sender = email.from_email
+        try:
+            self._conn.sendmail(sender, [to], email.message().as_bytes(linesep="\r\n"))
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, reply = exc.recipients.get(to, (451, b"recipient refused"))
+            raise _smtp_error(code, reply, dispatch_id) from exc
+        except smtplib.SMTPResponseException as exc:
+            if exc.smtp_code == 421:  # the server is closing the channel
+                self._drop()
+            raise _smtp_error(exc.smtp_code, exc.smtp_error, dispatch_id) from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise TemporaryDeliveryError(
+                f"SMTP connection lost: {exc!r}", alias=self.alias, dispatch_id=dispatch_id
+            ) from exc
+
+    def _ensure_connection(self) -> None:
+        """Reuses the open connection if the server still answers NOOP, else reconnects."""
+        if self._conn is not None:
+            try:
+                if self._conn.noop()[0] == 250:
+                    return
+            except (smtplib.SMTPException, OSError):
+                pass
+            self._drop()
+        self._conn = self._connect()
+
+    def _connect(self) -> smtplib.SMTP:
+        host, port, timeout = self._opt("host"), int(self._opt("port")), float(self._opt("timeout"))
+        context = self._ssl_context()
+        try:
+            if self._opt("use_ssl"):
+                conn: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+            else:
+                conn = smtplib.SMTP(host, port, timeout=timeout)
+        except (smtplib.SMTPException, OSError) as exc:
+            raise TemporaryDeliveryError(
+                f"cannot connect to SMTP server {host}:{port}: {exc!r}", alias=self.alias
+            ) from exc
+        try:
+            if self._opt("use_tls") and not self._opt("use_ssl"):
+                conn.starttls(context=context)
+            if self._opt("login"):
+                conn.login(self._opt("login"), self._opt("password") or "")
+        except smtplib.SMTPAuthenticationError as exc:
+            conn.close()
+            raise TemporaryDeliveryError(
+                f"SMTP server {host}:{port} refused the login of {self._opt('login')!r}",
+                alias=self.alias,
+                response=exc.smtp_code,
+            ) from exc
+        except (smtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            conn.close()
+            raise TemporaryDeliveryError(
+                f"SMTP session setup with {host}:{port} failed: {exc!r}", alias=self.alias
+            ) from exc
+        return conn
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        # Verifies the server's certificate and host name (SSL_CERT_FILE adds a private CA).
+        context = ssl.create_default_context()
+        if settings.EMAIL_SSL_CERTFILE:
+            context.load_cert_chain(settings.EMAIL_SSL_CERTFILE, settings.EMAIL_SSL_KEYFILE)
+        return context
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _smtp_error(code: int, reply: bytes | str, dispatch_id: int | None) -> Exception:
+    text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+    cls = PermanentDeliveryError if 500 <= code < 600 else TemporaryDeliveryError
+    return cls(f"SMTP {code} {text}", alias="smtp", dispatch_id=dispatch_id, response=code)

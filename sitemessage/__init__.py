@@ -1,0 +1,1 @@
+"""Import-compatible facade with django-sitemessage's module paths. Re-exports only."""

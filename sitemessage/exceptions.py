@@ -1,0 +1,25 @@
+from messengers.exceptions import (
+    DeliveryError,
+    InvalidAddressError,
+    InvalidContextError,
+    MessengerConfigurationError,
+    PermanentDeliveryError,
+    ScheduleError,
+    SitemessageError,
+    TemporaryDeliveryError,
+    UnknownMessageTypeError,
+    UnknownMessengerError,
+)
+
+__all__ = [
+    "DeliveryError",
+    "InvalidAddressError",
+    "InvalidContextError",
+    "MessengerConfigurationError",
+    "PermanentDeliveryError",
+    "ScheduleError",
+    "SitemessageError",
+    "TemporaryDeliveryError",
+    "UnknownMessageTypeError",
+    "UnknownMessengerError",
+]

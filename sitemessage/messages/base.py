@@ -1,0 +1,3 @@
+from dispatcher.messages import MessageBase
+
+__all__ = ["MessageBase"]

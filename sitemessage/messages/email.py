@@ -1,0 +1,3 @@
+from dispatcher.messages import EmailHtmlMessage, EmailTextMessage
+
+__all__ = ["EmailHtmlMessage", "EmailTextMessage"]

@@ -1,0 +1,3 @@
+from dispatcher.messages import PlainTextMessage
+
+__all__ = ["PlainTextMessage"]

@@ -1,0 +1,3 @@
+from messengers.base import MessengerBase
+
+__all__ = ["MessengerBase"]

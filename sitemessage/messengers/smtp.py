@@ -1,0 +1,3 @@
+from messengers.smtp import SMTPMessenger
+
+__all__ = ["SMTPMessenger"]

@@ -1,0 +1,96 @@
+"""Worker process lifecycle: warm messengers at process start, cool them at process stop.
+
+A worker warms only the messengers whose queues it consumes (``-Q messenger.smtp``). With the
+prefork pool every child process does it on ``worker_process_init``; with the solo pool the
+worker process does it on ``worker_ready``. Celery kills a child whose init takes 4 s, so the
+warm-up runs in a thread that is given WARM_UP_BUDGET seconds; a messenger that is not warm by
+then (server down, slow login) is logged and connected by its first batch. Shutdown signals are
+best effort: a killed process runs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import signals
+
+from messengers.base import MessengerBase, cool_down, warm_up
+from messengers.registry import get_registered_messenger_objects
+
+from .queues import alias_of_queue
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the process start may spend warming messengers (Celery's limit is 4).
+WARM_UP_BUDGET = 3.0
+
+
+def consumed_messengers(app: Any) -> list[MessengerBase]:
+    registered = get_registered_messenger_objects()
+    result = []
+    for queue in app.amqp.queues.consume_from or {}:
+        alias = alias_of_queue(queue)
+        if alias is None:
+            continue
+        if alias in registered:
+            result.append(registered[alias])
+        else:
+            logger.error("queue %s has no registered messenger %r", queue, alias)
+    return result
+
+
+def warm_messengers(messengers: list[MessengerBase], budget: float = WARM_UP_BUDGET) -> None:
+    thread = threading.Thread(
+        target=_warm_all, args=(messengers,), name="sitemessage-warm-up", daemon=True
+    )
+    thread.start()
+    thread.join(budget)
+    if thread.is_alive():
+        logger.warning("messenger warm-up takes longer than %ss; batches wait for it", budget)
+
+
+def _warm_all(messengers: list[MessengerBase]) -> None:
+    for messenger in messengers:
+        try:
+            warm_up(messenger)
+        except Exception as exc:
+            logger.warning(
+                "messenger %s did not warm up (%s); its first batch connects", messenger, exc
+            )
+
+
+def cool_messengers() -> None:
+    for messenger in get_registered_messenger_objects().values():
+        try:
+            cool_down(messenger)
+        except Exception:
+            logger.exception("messenger %s failed to cool down", messenger)
+
+
+def _is_solo(consumer: Any) -> bool:
+    return type(getattr(consumer, "pool", None)).__module__ == "celery.concurrency.solo"
+
+
+@signals.worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    from .app import app
+
+    warm_messengers(consumed_messengers(app))
+
+
+@signals.worker_process_shutdown.connect
+def _on_process_shutdown(**_: Any) -> None:
+    cool_messengers()
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    if _is_solo(sender):
+        warm_messengers(consumed_messengers(sender.app))
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    cool_messengers()  # a no-op in a prefork parent: nothing warms there
