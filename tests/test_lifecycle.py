@@ -1,0 +1,60 @@
+"""Worker process lifecycle with real `celery worker` processes: each process warms the
+messengers of the queues it consumes once, reuses them for every batch, and cools them once
+when it stops."""
+
+from collections import Counter
+
+import pytest
+
+from dispatcher.models import Dispatch
+from sitemessage.toolbox import recipients, schedule_messages
+from tests.conftest import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def events(log_path):
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    return [tuple(line.split(" ", 1)) for line in lines]
+
+
+def deliver_batches(count: int) -> None:
+    schedule_messages("ping", recipients("recorder", [f"r{i}" for i in range(count)]))
+    assert wait_until(lambda: Dispatch.objects.filter(status="sent").count() == count, timeout=60)
+
+
+@pytest.mark.parametrize("pool, processes", [("prefork", 2), ("solo", 1)])
+def test_before_send_once_per_process_for_many_batches_and_after_send_at_shutdown(
+    start_worker, tmp_path, settings, pool, processes
+):
+    settings.SITEMESSAGE_BATCH_SIZE = 1  # 50 dispatches -> 50 batches
+    log = tmp_path / "recorder.log"
+    worker = start_worker(
+        ["messenger.recorder"], concurrency=2, pool=pool, env={"RECORDER_LOG": str(log)}
+    )
+
+    deliver_batches(50)
+    assert worker.stop() == 0
+
+    seen = events(log)
+    warmed = Counter(pid for pid, event in seen if event == "before_send")
+    cooled = Counter(pid for pid, event in seen if event == "after_send")
+    batches = Counter(pid for pid, event in seen if event.startswith("send "))
+    print(
+        f"\n{pool}: before_send {dict(warmed)}, batches {dict(batches)}, after_send {dict(cooled)}"
+    )
+    assert len(warmed) == processes and set(warmed.values()) == {1}
+    assert sum(batches.values()) == 50 and set(batches) <= set(warmed)
+    assert cooled == warmed
+    if pool == "prefork":
+        assert str(worker.proc.pid) not in warmed  # the children work, not the parent
+    for pid in warmed:  # in each process: warm, batches, cool, in that order
+        mine = [event for p, event in seen if p == pid]
+        assert mine[0] == "before_send" and mine[-1] == "after_send"
+
+
+def test_a_worker_warms_only_the_messengers_of_its_queues(start_worker, tmp_path):
+    log = tmp_path / "recorder.log"
+    worker = start_worker(["messenger.smtp"], concurrency=1, env={"RECORDER_LOG": str(log)})
+    assert worker.stop() == 0
+    assert events(log) == []

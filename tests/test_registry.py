@@ -1,0 +1,92 @@
+"""The messenger registry and message types: registration, lookup, configuration from settings."""
+
+import pytest
+
+from dispatcher.messages import EmailHtmlMessage, PlainTextMessage, register_message_types
+from dispatcher.models import Dispatch, Message
+from messengers.exceptions import MessengerConfigurationError, UnknownMessengerError
+from messengers.registry import messenger_from_settings
+from sitemessage.messengers.smtp import SMTPMessenger
+from sitemessage.utils import (
+    MessengerBase,
+    get_registered_messenger_object,
+    get_registered_messenger_objects,
+    register_messenger_objects,
+)
+
+
+def test_register_and_look_up_by_alias_class_or_instance(registered):
+    class Pager(MessengerBase):
+        def send(self, message_cls, message_model, dispatch_models):
+            pass
+
+    pager = Pager()
+    register_messenger_objects(pager)
+    assert get_registered_messenger_objects()["Pager"] is pager  # alias defaults to the class name
+    assert get_registered_messenger_object("Pager") is pager
+    assert get_registered_messenger_object(Pager) is pager
+
+
+def test_unknown_alias_names_the_registered_ones():
+    with pytest.raises(UnknownMessengerError) as info:
+        get_registered_messenger_object("nope")
+    for alias in ("smtp", "recorder", "mymessenger"):
+        assert repr(alias) in str(info.value)
+
+
+def test_only_messenger_objects_can_be_registered():
+    with pytest.raises(TypeError, match="MessengerBase instances"):
+        register_messenger_objects(SMTPMessenger)  # type: ignore[arg-type]  # the class
+
+
+def test_settings_build_builtin_messengers_and_reject_unknown_options():
+    smtp = messenger_from_settings("smtp", {"options": {"host": "mail.example.com", "port": 2525}})
+    assert isinstance(smtp, SMTPMessenger) and smtp._opt("host") == "mail.example.com"
+    with pytest.raises(
+        MessengerConfigurationError, match=r"messenger 'smtp' .*'hots'.*did you mean 'host'"
+    ):
+        messenger_from_settings("smtp", {"options": {"hots": "x"}})
+    with pytest.raises(MessengerConfigurationError, match=r"'custom'.*no 'class'"):
+        messenger_from_settings("custom", {})
+    with pytest.raises(
+        MessengerConfigurationError, match=r"SITEMESSAGE_MESSENGERS\['smtp'\]: unknown key"
+    ):
+        messenger_from_settings("smtp", {"option": {}})
+
+
+def test_a_settings_alias_overrides_the_class_alias():
+    messenger = messenger_from_settings("bulkmail", {"class": "messengers.smtp.SMTPMessenger"})
+    assert str(messenger) == "bulkmail"
+
+
+def test_smtp_options_left_none_follow_django_settings_lazily(settings):
+    messenger = SMTPMessenger(use_tls=False)
+    settings.EMAIL_HOST, settings.EMAIL_USE_TLS = "late.example.com", True
+    assert messenger._opt("host") == "late.example.com"
+    assert messenger._opt("use_tls") is False  # an explicit False wins over a True setting
+
+
+def test_message_types_register_under_their_alias():
+    class Digest(PlainTextMessage):
+        alias = "digest"
+
+    register_message_types(Digest)
+    with pytest.raises(TypeError):
+        register_message_types(Digest("x"))  # type: ignore[arg-type]
+
+
+@pytest.mark.django_db
+def test_rendering_is_per_dispatch_and_html_is_escaped(django_user_model):
+    user = django_user_model.objects.create(username="ann")
+    message = Message(
+        cls="email_html", context=EmailHtmlMessage("S", "<script>x</script>\nline").context
+    )
+    html = EmailHtmlMessage.render(
+        message, Dispatch(message=message, address="a@example.com", recipient=user)
+    )
+    assert "&lt;script&gt;x&lt;/script&gt;<br>line" in html
+    plain = Message(cls="plain", context=PlainTextMessage("<b> & 'quotes'").context)
+    assert (
+        PlainTextMessage.render(plain, Dispatch(message=plain, address="x")).strip()
+        == "<b> & 'quotes'"
+    )

@@ -1,0 +1,233 @@
+"""schedule_messages() and recipients(): what is stored, what is refused before anything is
+written, and schedule_messages.delay() through a real worker with the JSON serializer."""
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from dispatcher.models import Dispatch, DispatchError, Message
+from dispatcher.tasks import encode_schedule_call, send_dispatches
+from messengers.exceptions import (
+    InvalidAddressError,
+    InvalidContextError,
+    ScheduleError,
+    UnknownMessageTypeError,
+    UnknownMessengerError,
+)
+from sitemessage.messages.base import MessageBase
+from sitemessage.messages.email import EmailHtmlMessage, EmailTextMessage
+from sitemessage.toolbox import recipients, schedule_messages
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def user():
+    return get_user_model().objects.create(username="ann", email="ann@example.com")
+
+
+def assert_nothing_written():
+    assert (Message.objects.count(), Dispatch.objects.count()) == (0, 0)
+
+
+def test_a_string_becomes_a_plain_text_message_with_one_dispatch_per_recipient(user):
+    [(message, dispatches)] = schedule_messages(
+        "Hi there", recipients("smtp", [user, "bob@example.com"]), sender=user, priority=3
+    )
+    assert message.cls == "plain" and message.context == {"stext_": "Hi there"}
+    assert (message.sender, message.priority) == (user, 3)
+    assert [(d.address, d.recipient) for d in dispatches] == [
+        ("ann@example.com", user),
+        ("bob@example.com", None),
+    ]
+    assert {d.status for d in Dispatch.objects.all()} == {Dispatch.Status.PENDING}
+
+
+def test_recipient_lists_add_up_and_duplicates_are_sent_once():
+    both = recipients("smtp", ["a@example.com", "b@example.com"]) + recipients(
+        "recorder", "a@example.com"
+    )
+    [(_, dispatches)] = schedule_messages("x", both + recipients("smtp", "a@example.com"))
+    assert sorted((d.messenger, d.address) for d in dispatches) == [
+        ("recorder", "a@example.com"),
+        ("smtp", "a@example.com"),
+        ("smtp", "b@example.com"),
+    ]
+
+
+def test_several_messages_at_once():
+    created = schedule_messages(
+        [EmailTextMessage("S", "text"), EmailHtmlMessage("S", {"stext_": "<b>"})],
+        recipients("smtp", "a@example.com"),
+    )
+    assert [m.cls for m, _ in created] == ["email_plain", "email_html"]
+
+
+def test_empty_recipients_store_nothing():
+    assert schedule_messages("x", []) == []
+    assert_nothing_written()
+
+
+def test_unknown_messenger_lists_the_registered_ones():
+    with pytest.raises(UnknownMessengerError) as info:
+        recipients("smpt", ["a@example.com"])
+    assert "'smtp'" in str(info.value) and "did you mean 'smtp'" in str(info.value)
+    assert isinstance(info.value, LookupError)
+
+
+def test_unknown_message_type_is_refused_before_writing():
+    class Unregistered(MessageBase):
+        alias = "unregistered"
+
+    with pytest.raises(UnknownMessageTypeError, match="'unregistered' is not registered"):
+        schedule_messages(Unregistered({"a": 1}), recipients("smtp", "a@example.com"))
+    assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    "address, problem",
+    [
+        ("", "empty address"),
+        ("   ", "empty address"),
+        ("not-an-email", "not a valid e-mail address"),
+        ("a@example.com\r\nBcc: x@evil.test", "control characters"),
+        ("a" * 250 + "@example.com", "longer than 255"),
+    ],
+)
+def test_bad_addresses_are_refused_before_writing(address, problem):
+    with pytest.raises(InvalidAddressError, match=problem):
+        schedule_messages("x", recipients("smtp", [address]))
+    assert_nothing_written()
+
+
+def test_a_user_without_an_address_is_named(user):
+    user.email = ""
+    with pytest.raises(InvalidAddressError, match=r"ann.*has no address"):
+        recipients("smtp", [user])
+
+
+def test_an_unsaved_user_is_refused():
+    with pytest.raises(ScheduleError, match="not saved"):
+        recipients("smtp", [get_user_model()(username="x", email="x@example.com")])
+
+
+@pytest.mark.parametrize(
+    "context, problem",
+    [
+        ({"when": object()}, "not JSON"),
+        ({"n": float("nan")}, "not JSON"),
+        ({"text": "a\x00b"}, "NUL"),
+    ],
+)
+def test_a_context_that_is_not_json_is_refused_before_writing(context, problem):
+    with pytest.raises(InvalidContextError, match=problem):
+        schedule_messages(EmailTextMessage("s", context), recipients("smtp", "a@example.com"))
+    assert_nothing_written()
+
+
+@pytest.mark.parametrize("priority", [-1, 40000, "high", True])
+def test_a_bad_priority_is_refused(priority):
+    with pytest.raises(ScheduleError, match="priority"):
+        schedule_messages("x", recipients("smtp", "a@example.com"), priority=priority)
+    assert_nothing_written()
+
+
+def test_handmade_recipients_are_refused():
+    with pytest.raises(ScheduleError, match="must come from recipients"):
+        schedule_messages("x", [("smtp", "a@example.com")])
+    assert_nothing_written()
+
+
+def test_a_later_bad_recipient_leaves_no_row_of_the_good_ones():
+    good = recipients("smtp", [f"u{i}@example.com" for i in range(50)])
+    bad = recipients("recorder", ["x"])
+    object.__setattr__(bad[0], "address", "")
+    with pytest.raises(InvalidAddressError):
+        schedule_messages(["one", "two"], good + bad)
+    assert_nothing_written()
+
+
+def test_delivery_tasks_carry_ids_only(django_capture_on_commit_callbacks, monkeypatch):
+    published = []
+    monkeypatch.setattr(
+        send_dispatches, "apply_async", lambda args, **options: published.append((args, options))
+    )
+    addresses = [f"u{i}@example.com" for i in range(250)]
+    with django_capture_on_commit_callbacks(execute=True):
+        [(_, dispatches)] = schedule_messages(
+            EmailTextMessage("Secret subject", "secret body"), recipients("smtp", addresses)
+        )
+    assert [len(ids) for (_, ids), _ in published] == [100, 100, 50]
+    assert {o["queue"] for _, o in published} == {"messenger.smtp"}
+    assert sorted(i for (_, ids), _ in published for i in ids) == sorted(d.pk for d in dispatches)
+    assert "secret" not in repr(published) and "example.com" not in repr(published)
+
+
+def test_delay_payload_is_plain_json_data(user):
+    import json
+
+    payload = encode_schedule_call(
+        EmailTextMessage("Hi", "body"), recipients("smtp", [user, "a@example.com"]), sender=user
+    )
+    assert json.loads(json.dumps(payload)) == payload
+    assert payload["sender"] == user.pk
+    assert payload["recipients"][0] == {
+        "messenger": "smtp",
+        "user": user.pk,
+        "address": "ann@example.com",
+    }
+
+
+def test_delay_refuses_bad_input_in_the_caller():
+    with pytest.raises(InvalidContextError):
+        schedule_messages.delay(
+            EmailTextMessage("s", {"x": object()}), recipients("smtp", "a@example.com")
+        )
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_schedule_messages_delay_with_a_message_object_a_user_and_an_address(
+    start_worker, smtp_server
+):
+    sink, port = smtp_server
+    start_worker(["sitemessage", "messenger.smtp"], env={"EMAIL_PORT": str(port)})
+    sender = get_user_model().objects.create(username="boss", email="boss@example.com")
+    user = get_user_model().objects.create(username="ann", email="ann@example.com")
+
+    schedule_messages.delay(
+        EmailTextMessage("Hello", "Hello {{ user }}"),
+        recipients("smtp", [user, "a@example.com"]),
+        sender=sender,
+    )
+
+    sink.wait_for(2, timeout=30)
+    assert sorted(sink.recipients()) == ["a@example.com", "ann@example.com"]
+    message = Message.objects.get()
+    assert (message.cls, message.sender) == ("email_plain", sender)
+    assert Dispatch.objects.get(address="ann@example.com").recipient == user
+    assert wait_until(
+        lambda: set(Dispatch.objects.values_list("status", flat=True)) == {"sent"}, 10
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_a_task_delivered_twice_sends_nothing_twice(start_worker, smtp_server):
+    sink, port = smtp_server
+    start_worker(["messenger.smtp"], env={"EMAIL_PORT": str(port)})
+    [(_, dispatches)] = schedule_messages(
+        "once", recipients("smtp", [f"u{i}@example.com" for i in range(30)])
+    )
+    ids = [d.pk for d in dispatches]
+    for _ in range(3):  # the same batch published again, as a redelivering broker would
+        send_dispatches.apply_async(("smtp", ids), queue="messenger.smtp")
+
+    sink.wait_for(30, timeout=30)
+    assert wait_until(lambda: Dispatch.objects.filter(status="sent").count() == 30, 10)
+    import time
+
+    time.sleep(1.5)  # give the duplicates time to (not) send
+    assert sorted(sink.recipients()) == sorted(d.address for d in dispatches)
+    assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
+    assert not DispatchError.objects.exists()
