@@ -112,6 +112,7 @@ class SMTPMessenger(MessengerBase):
     def _test_message(self, to: str, text: str) -> str:
         email = EmailMessage("Test message from sitemessage", text, self._opt("from_email"), [to])
         email.extra_headers["Message-ID"] = make_msgid(domain=self._domain())
+        self._ensure_connection()
         self._deliver(email, to, None)
         return email.extra_headers["Message-ID"]
 

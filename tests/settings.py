@@ -13,7 +13,7 @@ os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 from config.settings import *  # noqa: F403
 from config.settings import VAR_DIR, database_from_env
 
-INSTALLED_APPS = [*INSTALLED_APPS, "tests.seedapp", "tests.recorderapp"]  # noqa: F405
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.seedapp", "tests.recorderapp", "tests.faultsapp"]  # noqa: F405
 
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 DATABASES = {"default": database_from_env(VAR_DIR / "test.sqlite3")}
@@ -22,3 +22,15 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Timings that tests pass to worker processes through the environment (seconds or counts).
+for _name, _cast in [
+    ("LEASE_SECONDS", float),
+    ("RETRY_BACKOFF", float),
+    ("RETRY_BACKOFF_MAX", float),
+    ("REPUBLISH_AFTER", float),
+    ("OUTCOME_CHUNK", int),
+    ("BATCH_SIZE", int),
+]:
+    if f"SITEMESSAGE_{_name}" in os.environ:
+        globals()[f"SITEMESSAGE_{_name}"] = _cast(os.environ[f"SITEMESSAGE_{_name}"])

@@ -1,0 +1,201 @@
+"""The messenger contract for SMTP and for a user-defined messenger written as the docs show,
+and what is special to SMTP: connection reuse, reconnects, reply codes."""
+
+from __future__ import annotations
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from messengers.exceptions import PermanentDeliveryError, TemporaryDeliveryError
+from sitemessage.messengers.smtp import SMTPMessenger
+from sitemessage.utils import MessengerBase
+from tests.conftest import SMTPSink, free_port
+from tests.contract import MessengerContract
+
+
+class CountingSink(SMTPSink):
+    """Also counts SMTP sessions (connections) and NOOPs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions = 0
+        self.noops = 0
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        self.sessions += 1
+        session.host_name = hostname
+        return responses
+
+    async def handle_NOOP(self, server, session, envelope, arg):
+        self.noops += 1
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp(settings):
+    """A restartable SMTP server on a fixed loopback port, and a messenger pointed at it."""
+    sink, port = CountingSink(), free_port()
+    server: dict[str, Controller | None] = {"controller": None}
+
+    def start() -> None:
+        controller = Controller(sink, hostname="127.0.0.1", port=port)
+        controller.start()
+        server["controller"] = controller
+
+    def stop() -> None:
+        controller, server["controller"] = server["controller"], None
+        if controller is not None:
+            controller.stop()
+
+    start()
+    settings.DEFAULT_FROM_EMAIL = "noreply@example.com"
+
+    def restart(up: bool = True) -> None:
+        stop()
+        if up:
+            start()
+
+    messenger = SMTPMessenger(host="127.0.0.1", port=port, use_tls=False, timeout=5)
+    try:
+        yield sink, messenger, restart
+    finally:
+        messenger.after_send()
+        stop()
+
+
+class TestSMTPContract(MessengerContract):
+    @pytest.fixture
+    def messenger(self, smtp):
+        return smtp[1]
+
+    @pytest.fixture
+    def addresses(self):
+        return ["ann@example.com", "bob@example.com", "cid@example.com"]
+
+    @pytest.fixture
+    def delivered(self, smtp):
+        return smtp[0].recipients
+
+    @pytest.fixture
+    def temporary_failure(self, smtp):
+        def fail(address: str) -> None:
+            smtp[0].reject[address] = "451 4.3.0 try again later"
+
+        return fail
+
+    @pytest.fixture
+    def permanent_failure(self, smtp):
+        def fail(address: str) -> str:
+            smtp[0].reject[address] = "550 5.1.1 no such user"
+            return address
+
+        return fail
+
+
+class Outbox:
+    """The 'service' of the user-defined messenger below: addresses it accepted, and addresses
+    it refuses for now or for good."""
+
+    def __init__(self) -> None:
+        self.accepted: list[str] = []
+        self.busy: set[str] = set()
+        self.refused: set[str] = set()
+
+
+class MyMessenger(MessengerBase):
+    """The documentation's user-defined messenger, with a real body for send()."""
+
+    alias = "mymessenger"
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.connected = False
+
+    def before_send(self) -> None:
+        self.connected = True
+
+    def after_send(self) -> None:
+        self.connected = False
+
+    def send(self, message_cls, message_model, dispatch_models):
+        for dispatch_model in dispatch_models:
+            address = dispatch_model.address
+            if not self.connected:
+                self.mark_error(dispatch_model, "not connected", message_cls)
+            elif address in self.outbox.refused:
+                self.mark_failed(dispatch_model, f"{address} refused", message_cls)
+            elif address in self.outbox.busy:
+                self.mark_error(dispatch_model, f"{address} busy", message_cls)
+            else:
+                self.outbox.accepted.append(address)
+                self.mark_sent(dispatch_model)
+
+
+class TestUserDefinedContract(MessengerContract):
+    @pytest.fixture
+    def outbox(self):
+        return Outbox()
+
+    @pytest.fixture
+    def messenger(self, outbox):
+        return MyMessenger(outbox)
+
+    @pytest.fixture
+    def addresses(self):
+        return ["first--address", "second--address", "third--address"]
+
+    @pytest.fixture
+    def delivered(self, outbox):
+        return lambda: list(outbox.accepted)
+
+    @pytest.fixture
+    def temporary_failure(self, outbox):
+        return outbox.busy.add
+
+    @pytest.fixture
+    def permanent_failure(self, outbox):
+        def fail(address: str) -> str:
+            outbox.refused.add(address)
+            return address
+
+        return fail
+
+
+def test_connection_is_reused_and_checked_with_noop(smtp):
+    sink, messenger, _ = smtp
+    messenger.before_send()
+    for i in range(3):
+        messenger._test_message(f"user{i}@example.com", "hello")
+    assert sink.sessions == 1
+    assert sink.noops >= 2  # checked alive before each reuse
+    assert sorted(sink.recipients()) == [f"user{i}@example.com" for i in range(3)]
+
+
+def test_reconnects_after_the_server_dropped_the_connection(smtp):
+    sink, messenger, restart = smtp
+    messenger.before_send()
+    messenger._test_message("a@example.com", "one")
+    restart()  # the open connection dies with the old server
+    messenger._test_message("b@example.com", "two")
+    assert sink.recipients() == ["a@example.com", "b@example.com"]
+    assert sink.sessions == 2
+
+
+def test_server_down_is_temporary_and_names_the_server(smtp):
+    _, messenger, restart = smtp
+    restart(up=False)
+    with pytest.raises(TemporaryDeliveryError, match=r"127\.0\.0\.1"):
+        messenger.send_test_message("a@example.com", "hello")
+
+
+def test_reply_codes_decide_temporary_or_permanent(smtp):
+    sink, messenger, _ = smtp
+    sink.reject["gone@example.com"] = "550 5.1.1 no such user"
+    sink.reject["later@example.com"] = "451 4.3.0 try again later"
+    messenger.before_send()
+    with pytest.raises(PermanentDeliveryError, match="550"):
+        messenger._test_message("gone@example.com", "x")
+    with pytest.raises(TemporaryDeliveryError, match="451"):
+        messenger._test_message("later@example.com", "x")
+    messenger._test_message("fine@example.com", "x")  # the connection survived both
+    assert sink.recipients() == ["fine@example.com"] and sink.sessions == 1
