@@ -2,20 +2,29 @@
 
 Claiming is one UPDATE: only PENDING rows, and ERROR rows whose retry is due, become PROCESSING
 under this run's lease. Rows claimed by another run or already sent are skipped, so a task that
-the broker delivers twice sends nothing twice. Outcomes are written in small chunks while the
-batch is being sent, so a worker killed mid-batch loses the record of at most one chunk.
+the broker delivers twice sends nothing twice. A SENT outcome is written the moment the
+messenger marks it, so a worker killed mid-batch loses the record of at most the dispatch it was
+sending (the one duplicate a receiver may see); failures are written in small chunks, since
+losing one of those costs only an extra attempt. Database errors (a restart, a locked SQLite)
+are retried for a while instead of failing the batch.
+
+A messenger with a ``rate_limit`` is sent one dispatch at a time, each after taking a slot from
+the limiter all its workers share.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import groupby
-from typing import Any
+from typing import Any, TypeVar
 
-from django.db import transaction
+import redis
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -24,10 +33,12 @@ from messengers.registry import get_registered_messenger_object
 
 from .messages import MessageBase, get_registered_message_type
 from .models import Dispatch, DispatchError
+from .ratelimit import RateLimiter
 from .toolbox import setting
 
 logger = logging.getLogger(__name__)
 Status = Dispatch.Status
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,7 +52,7 @@ class BatchResult:
 def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
     """Delivers the given dispatches of one messenger; returns what happened to them."""
     messenger = get_registered_messenger_object(alias)
-    dispatches = claim(alias, dispatch_ids, owner)
+    dispatches = with_db_retry(lambda: claim(alias, dispatch_ids, owner))
     recorder = Recorder(owner)
     recorder.result.claimed = len(dispatches)
     if not dispatches:
@@ -55,8 +66,9 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
             for dispatch in dispatches:
                 messenger.mark_exception(dispatch, exc)
         else:
+            limiter = RateLimiter.of(messenger, max_wait=setting("RATE_LIMIT_MAX_WAIT", 60))
             for _, group in groupby(dispatches, key=lambda d: d.message_id):
-                _send_message(messenger, list(group))
+                _send_message(messenger, list(group), limiter)
         for dispatch in unmarked(dispatches):
             messenger.mark_error(
                 dispatch, f"messenger {alias} returned without marking the dispatch"
@@ -79,8 +91,7 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
         lease_expires_at=now + timedelta(seconds=setting("LEASE_SECONDS", 600)),
         attempts=F("attempts") + 1,
     )
-    if not taken:
-        return []
+    logger.debug("%s: claimed %d of %d dispatches", alias, taken, len(dispatch_ids))
     return list(
         Dispatch.objects.filter(pk__in=dispatch_ids, status=Status.PROCESSING, lease_owner=owner)
         .select_related("message", "recipient")
@@ -88,7 +99,7 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
     )
 
 
-def _send_message(messenger: Any, dispatches: list[Dispatch]) -> None:
+def _send_message(messenger: Any, dispatches: list[Dispatch], limiter: RateLimiter | None) -> None:
     message_model = dispatches[0].message
     try:
         message_cls = get_registered_message_type(message_model.cls)
@@ -106,21 +117,49 @@ def _send_message(messenger: Any, dispatches: list[Dispatch]) -> None:
                 messenger.mark_error(dispatch, exc)
                 continue
         ready.append(dispatch)
-    if not ready:
+    if limiter is None:
+        _send(messenger, message_cls, message_model, ready)
+        return
+    for index, dispatch in enumerate(ready):
+        try:
+            wait = limiter.acquire()
+        except redis.RedisError as exc:
+            for rest in ready[index:]:
+                messenger.mark_error(rest, f"rate limiter unavailable: {exc!r}")
+            return
+        if wait:  # no slot soon enough: give the rest back, without spending an attempt
+            logger.info("%s: rate limit, %d dispatches deferred", messenger, len(ready) - index)
+            for rest in ready[index:]:
+                _defer(rest, wait)
+            return
+        _send(messenger, message_cls, message_model, [dispatch])
+
+
+def _send(
+    messenger: Any, message_cls: type[MessageBase], message_model: Any, dispatches: list[Dispatch]
+) -> None:
+    if not dispatches:
         return
     try:
-        messenger.send(message_cls, message_model, ready)
+        messenger.send(message_cls, message_model, dispatches)
     except Exception as exc:
         logger.warning(
             "messenger %s raised while sending message %s: %r", messenger, message_model.pk, exc
         )
-        for dispatch in unmarked(ready):
+        for dispatch in unmarked(dispatches):
             messenger.mark_exception(dispatch, exc)
 
 
+def _defer(dispatch: Dispatch, seconds: float) -> None:
+    dispatch.outcome = Outcome("deferred", retry_after=seconds)  # type: ignore[attr-defined]
+    listener = outcome_listener.get()
+    if listener is not None:
+        listener(dispatch)
+
+
 class Recorder:
-    """Collects marked dispatches and writes them in chunks, only while this run still owns
-    them."""
+    """Persists outcomes while the batch is being sent, only while this run still owns the rows:
+    SENT at once, the others in chunks of SITEMESSAGE_OUTCOME_CHUNK."""
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
@@ -129,45 +168,85 @@ class Recorder:
         self.chunk = int(setting("OUTCOME_CHUNK", 20))
 
     def add(self, dispatch: Dispatch) -> None:
+        if dispatch.outcome.status == "sent":  # type: ignore[attr-defined]
+            self._write_sent(dispatch)
+            return
         self.pending.append(dispatch)
         if len(self.pending) >= self.chunk:
             self.flush()
+
+    def _write_sent(self, dispatch: Dispatch) -> None:
+        apply_outcome(dispatch, dispatch.outcome, timezone.now())  # type: ignore[attr-defined]
+        fields = {name: getattr(dispatch, name) for name in _OUTCOME_FIELDS}
+        owned = with_db_retry(
+            lambda: Dispatch.objects.filter(
+                pk=dispatch.pk, status=Status.PROCESSING, lease_owner=self.owner
+            ).update(**fields)
+        )
+        self._count(dispatch, owned)
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         if not pending:
             return
         now = timezone.now()
-        errors = []
+        errors = {}
         for dispatch in pending:
-            error = apply_outcome(dispatch, dispatch.outcome, now)
+            error = apply_outcome(dispatch, dispatch.outcome, now)  # type: ignore[attr-defined]
             if error is not None:
-                errors.append(error)
-            setattr(
-                self.result,
-                _COUNTER[dispatch.status],
-                getattr(self.result, _COUNTER[dispatch.status]) + 1,
-            )
-        with transaction.atomic():
-            owned = set(
-                Dispatch.objects.select_for_update()
-                .filter(
-                    pk__in=[d.pk for d in pending], status=Status.PROCESSING, lease_owner=self.owner
+                errors[dispatch.pk] = error
+
+        def write() -> set[int]:
+            with transaction.atomic():
+                owned = set(
+                    Dispatch.objects.select_for_update()
+                    .filter(
+                        pk__in=[d.pk for d in pending],
+                        status=Status.PROCESSING,
+                        lease_owner=self.owner,
+                    )
+                    .values_list("pk", flat=True)
                 )
-                .values_list("pk", flat=True)
-            )
-            Dispatch.objects.bulk_update([d for d in pending if d.pk in owned], _OUTCOME_FIELDS)
-            DispatchError.objects.bulk_create([e for e in errors if e.dispatch_id in owned])
-        if len(owned) < len(pending):
+                Dispatch.objects.bulk_update([d for d in pending if d.pk in owned], _OUTCOME_FIELDS)
+                DispatchError.objects.bulk_create([e for pk, e in errors.items() if pk in owned])
+            return owned
+
+        owned = with_db_retry(write)
+        for dispatch in pending:
+            self._count(dispatch, dispatch.pk in owned)
+
+    def _count(self, dispatch: Dispatch, owned: bool | int) -> None:
+        if not owned:
             logger.warning(
-                "%d outcomes dropped: their lease expired and another run took them",
-                len(pending) - len(owned),
+                "outcome of dispatch %s dropped: its lease expired and another run took it",
+                dispatch.pk,
             )
+        elif dispatch.status in _COUNTER:
+            name = _COUNTER[dispatch.status]
+            setattr(self.result, name, getattr(self.result, name) + 1)
+
+
+def with_db_retry(operation: Callable[[], T]) -> T:
+    """Runs a database operation, retrying it while the database is unreachable or locked, for
+    up to SITEMESSAGE_DB_RETRY_SECONDS (the task's time limit still applies)."""
+    deadline = time.monotonic() + float(setting("DB_RETRY_SECONDS", 60))
+    delay = 0.1
+    while True:
+        try:
+            return operation()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + delay > deadline or connection.in_atomic_block:
+                raise
+            logger.warning("database unavailable (%s); retrying in %.1f s", exc, delay)
+            connection.close()  # a broken connection is replaced by the next query
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 _COUNTER: dict[str, str] = {Status.SENT: "sent", Status.ERROR: "errors", Status.FAILED: "failed"}
 _OUTCOME_FIELDS = [
     "status",
+    "attempts",
     "sent_at",
     "provider_message_id",
     "next_attempt_at",
@@ -182,6 +261,11 @@ def apply_outcome(dispatch: Dispatch, outcome: Outcome, now: datetime) -> Dispat
     dispatch.lease_owner = ""
     dispatch.lease_expires_at = None
     dispatch.next_attempt_at = None
+    if outcome.status == "deferred":  # not an attempt: no slot was free to make one
+        dispatch.status = Status.ERROR
+        dispatch.attempts -= 1
+        dispatch.next_attempt_at = now + timedelta(seconds=outcome.retry_after or 0)
+        return None
     if outcome.status == "sent":
         dispatch.status = Status.SENT
         dispatch.sent_at = now

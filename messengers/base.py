@@ -30,7 +30,8 @@ MAX_ADDRESS_LENGTH = 255
 class Outcome:
     """What a messenger decided for one dispatch."""
 
-    status: Literal["sent", "error", "failed"]
+    #: "deferred" is the pipeline's own: not sent for want of a rate-limit slot, not an attempt.
+    status: Literal["sent", "error", "failed", "deferred"]
     error: BaseException | str | None = None
     provider_id: str = ""
     #: Seconds the provider asked us to wait (rate limits); None lets the backoff decide.
@@ -63,7 +64,8 @@ class MessengerBase:
     #: Attribute of a user object that holds the user's address for this messenger.
     address_attr: str | None = None
 
-    #: Delivery rate shared by every worker of this messenger, e.g. ``'30/s'``; None: no limit.
+    #: Delivery rate shared by every worker of this messenger: ``'30/s'``, ``'100/m'``,
+    #: ``'1000/h'``; None: no limit. SITEMESSAGE_MESSENGERS can override it per deployment.
     rate_limit: str | None = None
 
     @classmethod
@@ -157,6 +159,18 @@ class MessengerBase:
             self.mark_failed(dispatch, error)
         else:
             self.mark_error(dispatch, error)
+
+
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*")
+_PER = {"s": 1, "m": 60, "h": 3600}
+
+
+def seconds_per_send(rate: str) -> float:
+    """``'30/s'`` -> 1/30: the spacing of sends at a rate given per second, minute or hour."""
+    match = _RATE.fullmatch(str(rate))
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"rate limit {rate!r} is not of the form '<positive number>/<s|m|h>'")
+    return _PER[match[2]] / float(match[1])
 
 
 def _retry_after(error: object) -> float | None:

@@ -7,6 +7,7 @@ setting::
     SITEMESSAGE_MESSENGERS = {
         "smtp": {"options": {"from_email": os.environ["FROM_EMAIL"]}},   # a builtin alias
         "mine": {"class": "myapp.messengers.MyMessenger", "options": {...}},
+        "telegram": {"options": {...}, "rate_limit": "30/s"},  # shared by all workers
     }
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from django.utils.module_loading import import_string
 
-from .base import MessengerBase, alias_of
+from .base import MessengerBase, alias_of, seconds_per_send
 from .exceptions import MessengerConfigurationError, UnknownMessengerError, _did_you_mean
 
 #: Classes of the builtin aliases, so settings can name them without a "class".
@@ -47,6 +48,7 @@ def register_messenger_objects(*messengers: MessengerBase) -> None:
                 "dispatch_models) as a method: its dispatches will fail",
                 type(messenger).__name__,
             )
+        check_rate_limit(alias_of(messenger), messenger.rate_limit)
         _registry[alias_of(messenger)] = messenger
 
 
@@ -67,11 +69,11 @@ def get_registered_messenger_object(messenger: str | type | MessengerBase) -> Me
 def messenger_from_settings(alias: str, conf: dict[str, Any]) -> MessengerBase:
     """Builds one messenger from its SITEMESSAGE_MESSENGERS entry; every problem names the
     alias it belongs to."""
-    unknown_keys = set(conf) - {"class", "options"}
+    unknown_keys = set(conf) - {"class", "options", "rate_limit"}
     if unknown_keys:
         raise MessengerConfigurationError(
             f"SITEMESSAGE_MESSENGERS[{alias!r}]: unknown key(s) {sorted(unknown_keys)}; "
-            "expected 'class' and 'options'"
+            "expected 'class', 'options' and 'rate_limit'"
         )
     path = conf.get("class") or BUILTIN_MESSENGERS.get(alias)
     if not path:
@@ -85,7 +87,18 @@ def messenger_from_settings(alias: str, conf: dict[str, Any]) -> MessengerBase:
     messenger = cls(**options)
     if alias_of(messenger) != alias:
         messenger.alias = alias
+    if "rate_limit" in conf:
+        check_rate_limit(alias, conf["rate_limit"])
+        messenger.rate_limit = conf["rate_limit"]
     return messenger
+
+
+def check_rate_limit(alias: str, rate: str | None) -> None:
+    if rate is not None:
+        try:
+            seconds_per_send(rate)
+        except ValueError as exc:
+            raise MessengerConfigurationError(f"messenger {alias!r}: {exc}") from None
 
 
 def check_options(alias: str, cls: type, options: dict[str, Any]) -> None:

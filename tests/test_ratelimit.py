@@ -1,0 +1,152 @@
+"""The per-messenger rate limit shared by every worker process, kept in the real Redis."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from dispatcher import pipeline, toolbox
+from dispatcher.models import Dispatch
+from dispatcher.ratelimit import RateLimiter
+from messengers.base import seconds_per_send
+from messengers.exceptions import MessengerConfigurationError
+from messengers.registry import messenger_from_settings, register_messenger_objects
+from sitemessage.messages.plain import PlainTextMessage
+from sitemessage.toolbox import recipients, schedule_messages
+from tests.conftest import SMTPSink, wait_until
+from tests.test_messengers import MyMessenger, Outbox
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    times = sorted(times)
+    return max(bisect.bisect_left(times, t + window) - i for i, t in enumerate(times))
+
+
+@pytest.mark.parametrize(
+    ("rate", "seconds"), [("20/s", 0.05), ("30/m", 2.0), ("1.5/h", 2400.0), (" 4 / s ", 0.25)]
+)
+def test_rates_are_read_per_second_minute_or_hour(rate, seconds):
+    assert seconds_per_send(rate) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("rate", ["20", "20/d", "0/s", "-1/s", "fast", ""])
+def test_a_malformed_rate_is_refused_with_the_alias(rate, registered):
+    with pytest.raises(MessengerConfigurationError, match=r"messenger 'smtp'.*not of the form"):
+        messenger_from_settings("smtp", {"rate_limit": rate})
+    messenger = MyMessenger(Outbox())
+    messenger.rate_limit = rate
+    with pytest.raises(MessengerConfigurationError, match="'mymessenger'"):
+        register_messenger_objects(messenger)
+
+
+def test_settings_override_the_class_rate():
+    assert messenger_from_settings("smtp", {"rate_limit": "5/s"}).rate_limit == "5/s"
+    assert messenger_from_settings("smtp", {}).rate_limit is None
+
+
+def test_processes_share_one_schedule():
+    """Two limiters (as in two worker processes) on one key: 21 slots at 50/s take >= 0.4 s."""
+    alias = f"bench-{uuid.uuid4().hex[:8]}"
+    taken: list[float] = []
+
+    def take(count: int) -> None:
+        limiter = RateLimiter(alias, "50/s", max_wait=10)
+        for _ in range(count):
+            assert limiter.acquire() == 0
+            taken.append(time.monotonic())
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in (11, 10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(taken) == 21
+    assert max(taken) - min(taken) >= 0.4 - 0.01
+    gaps = [b - a for a, b in zip(sorted(taken), sorted(taken)[1:], strict=False)]
+    assert min(gaps) > 0.015  # spaced, not in bursts
+
+
+def test_no_slot_before_the_deadline_takes_none():
+    alias = f"bench-{uuid.uuid4().hex[:8]}"
+    limiter = RateLimiter(alias, "1/m", max_wait=1)
+    assert limiter.acquire() == 0
+    wait = limiter.acquire()
+    assert 58 < wait <= 60
+    assert RateLimiter(alias, "1/m", max_wait=1).acquire() == pytest.approx(wait, abs=1)
+
+
+@pytest.mark.django_db
+def test_dispatches_without_a_slot_are_deferred_without_spending_an_attempt(
+    registered, monkeypatch, settings
+):
+    settings.SITEMESSAGE_RATE_LIMIT_MAX_WAIT = 1
+    outbox = Outbox()
+    messenger = MyMessenger(outbox)
+    messenger.alias = f"limited{uuid.uuid4().hex[:6]}"
+    messenger.rate_limit = "2/m"
+    register_messenger_objects(messenger)
+    monkeypatch.setattr(toolbox, "enqueue", lambda ids_by_messenger: None)
+    [(message, dispatches)] = schedule_messages(
+        PlainTextMessage("hi"), recipients(messenger.alias, ["a", "b", "c"])
+    )
+    result = pipeline.deliver(messenger.alias, [d.pk for d in dispatches], owner="t")
+    assert (result.claimed, result.sent) == (3, 1)
+    assert outbox.accepted == ["a"]
+    rows = Dispatch.objects.filter(message=message).order_by("pk")
+    deferred = [row for row in rows if row.status == Dispatch.Status.ERROR]
+    assert [row.address for row in deferred] == ["b", "c"]
+    assert {row.attempts for row in deferred} == {0}
+    assert all(row.next_attempt_at > message.time_created for row in deferred)
+    assert not deferred[0].errors.exists()
+
+
+class TimedSink(SMTPSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.times.append(time.monotonic())
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_two_worker_processes_hold_twenty_per_second(start_worker, settings):
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import free_port
+
+    sink, port = TimedSink(), free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        start_worker(
+            ["messenger.smtp"],
+            concurrency=2,
+            env={
+                "EMAIL_HOST": "127.0.0.1",
+                "EMAIL_PORT": str(port),
+                "SITEMESSAGE_MESSENGERS": json.dumps({"smtp": {"rate_limit": "20/s"}}),
+            },
+        )
+        settings.SITEMESSAGE_BATCH_SIZE = 20  # 10 tasks, so both processes send at once
+        addresses = [f"r{i}@example.com" for i in range(200)]
+        schedule_messages(PlainTextMessage("limited"), recipients("smtp", addresses))
+        sink.wait_for(200, timeout=40)
+        assert wait_until(
+            lambda: Dispatch.objects.filter(status=Dispatch.Status.SENT).count() == 200, 10
+        )
+    finally:
+        controller.stop()
+    elapsed = max(sink.times) - min(sink.times)
+    busiest = max_in_window(sink.times)
+    print(f"\n200 e-mails at 20/s over 2 processes: {elapsed:.2f}s, busiest second {busiest}")
+    assert sorted(sink.recipients()) == sorted(addresses)
+    assert busiest <= 21
+    assert elapsed >= 9
