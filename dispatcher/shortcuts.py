@@ -1,0 +1,55 @@
+"""One-call scheduling for the builtin messengers, as django-sitemessage's shortcuts.
+
+Each returns what ``schedule_messages()`` returns: the (message, dispatches) pairs created.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .messages import EmailHtmlMessage, EmailTextMessage, get_registered_message_type
+from .tasks import schedule_messages
+from .toolbox import recipients, setting
+
+
+def schedule_email(
+    message: str | dict[str, Any],
+    to: Any,
+    subject: str | None = None,
+    sender: Any = None,
+    priority: int | None = None,
+) -> Any:
+    """E-mails ``message`` (a text, or a dict of context for the HTML template) to addresses
+    or users ``to``, through SITEMESSAGE_SHORTCUT_EMAIL_MESSENGER_TYPE (default 'smtp')."""
+    type_alias = setting("SHORTCUT_EMAIL_MESSAGE_TYPE", None)
+    if type_alias:
+        message_cls: Any = get_registered_message_type(type_alias)
+    else:
+        message_cls = EmailHtmlMessage if isinstance(message, dict) else EmailTextMessage
+    return schedule_messages(
+        message_cls(subject or "", message),
+        recipients(setting("SHORTCUT_EMAIL_MESSENGER_TYPE", "smtp"), to),
+        sender=sender,
+        priority=priority,
+    )
+
+
+def schedule_jabber_message(
+    message: Any, to: Any, sender: Any = None, priority: int | None = None
+) -> Any:
+    """Sends ``message`` to XMPP addresses or users ``to``."""
+    return schedule_messages(message, recipients("xmppsleek", to), sender=sender, priority=priority)
+
+
+def schedule_tweet(
+    message: Any, to: Any = "", sender: Any = None, priority: int | None = None
+) -> Any:
+    """Posts ``message`` on X; a non-empty ``to`` makes it a mention of that account."""
+    return schedule_messages(message, recipients("twitter", to), sender=sender, priority=priority)
+
+
+def schedule_telegram_message(
+    message: Any, to: Any, sender: Any = None, priority: int | None = None
+) -> Any:
+    """Sends ``message`` to Telegram chat ids or @channels (or users) ``to``."""
+    return schedule_messages(message, recipients("telegram", to), sender=sender, priority=priority)
