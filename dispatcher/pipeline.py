@@ -151,7 +151,7 @@ def _send(
 
 
 def _defer(dispatch: Dispatch, seconds: float) -> None:
-    dispatch.outcome = Outcome("deferred", retry_after=seconds)  # type: ignore[attr-defined]
+    dispatch.outcome = Outcome("deferred", retry_after=seconds)
     listener = outcome_listener.get()
     if listener is not None:
         listener(dispatch)
@@ -168,7 +168,7 @@ class Recorder:
         self.chunk = int(setting("OUTCOME_CHUNK", 20))
 
     def add(self, dispatch: Dispatch) -> None:
-        if dispatch.outcome.status == "sent":  # type: ignore[attr-defined]
+        if dispatch.outcome.status == "sent":
             self._write_sent(dispatch)
             return
         self.pending.append(dispatch)
@@ -176,7 +176,7 @@ class Recorder:
             self.flush()
 
     def _write_sent(self, dispatch: Dispatch) -> None:
-        apply_outcome(dispatch, dispatch.outcome, timezone.now())  # type: ignore[attr-defined]
+        apply_outcome(dispatch, dispatch.outcome, timezone.now())
         fields = {name: getattr(dispatch, name) for name in _OUTCOME_FIELDS}
         owned = with_db_retry(
             lambda: Dispatch.objects.filter(
@@ -192,7 +192,7 @@ class Recorder:
         now = timezone.now()
         errors = {}
         for dispatch in pending:
-            error = apply_outcome(dispatch, dispatch.outcome, now)  # type: ignore[attr-defined]
+            error = apply_outcome(dispatch, dispatch.outcome, now)
             if error is not None:
                 errors[dispatch.pk] = error
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import datetime, timedelta
 
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -56,31 +57,32 @@ def sweep(priority: int | None = None) -> dict[str, int]:
 
 
 def release_expired_leases(now: datetime) -> tuple[int, int]:
-    """Returns the rows a dead worker left PROCESSING to ERROR (or FAILED at the limit)."""
-    rows = list(
-        Dispatch.objects.filter(status=Status.PROCESSING, lease_expires_at__lt=now).values_list(
-            "pk", "attempts", "message__cls", "lease_owner"
+    """Returns the rows a dead worker left PROCESSING to ERROR (or FAILED at the limit). Locks
+    them first, so two overlapping sweeps do not both release (and log) the same row."""
+    with transaction.atomic():
+        rows = list(
+            Dispatch.objects.select_for_update()
+            .filter(status=Status.PROCESSING, lease_expires_at__lt=now)
+            .values_list("pk", "attempts", "message__cls", "lease_owner")
         )
-    )
-    if not rows:
-        return 0, 0
-    final = [pk for pk, attempts, cls, _ in rows if attempts >= retry_limit(cls)]
-    retry = [pk for pk, attempts, cls, _ in rows if attempts < retry_limit(cls)]
-    stuck = Dispatch.objects.filter(status=Status.PROCESSING, lease_expires_at__lt=now)
-    failed = stuck.filter(pk__in=final).update(
-        status=Status.FAILED, lease_owner="", lease_expires_at=None, next_attempt_at=None
-    )
-    released = stuck.filter(pk__in=retry).update(
-        status=Status.ERROR, lease_owner="", lease_expires_at=None, next_attempt_at=now
-    )
-    DispatchError.objects.bulk_create(
-        DispatchError(
-            dispatch_id=pk,
-            attempt=attempts,
-            exc_type="LeaseExpired",
-            error=f"the worker {owner} did not finish the dispatch before its lease expired",
-            time_created=now,
+        if not rows:
+            return 0, 0
+        final = [pk for pk, attempts, cls, _ in rows if attempts >= retry_limit(cls)]
+        retry = [pk for pk, attempts, cls, _ in rows if attempts < retry_limit(cls)]
+        released = Dispatch.objects.filter(pk__in=retry).update(
+            status=Status.ERROR, lease_owner="", lease_expires_at=None, next_attempt_at=now
         )
-        for pk, attempts, _, owner in rows
-    )
+        failed = Dispatch.objects.filter(pk__in=final).update(
+            status=Status.FAILED, lease_owner="", lease_expires_at=None, next_attempt_at=None
+        )
+        DispatchError.objects.bulk_create(
+            DispatchError(
+                dispatch_id=pk,
+                attempt=attempts,
+                exc_type="LeaseExpired",
+                error=f"the worker {owner} did not finish the dispatch before its lease expired",
+                time_created=now,
+            )
+            for pk, attempts, _, owner in rows
+        )
     return released, failed

@@ -58,3 +58,27 @@ def test_a_worker_warms_only_the_messengers_of_its_queues(start_worker, tmp_path
     worker = start_worker(["messenger.smtp"], concurrency=1, env={"RECORDER_LOG": str(log)})
     assert worker.stop() == 0
     assert events(log) == []
+
+
+def test_a_worker_starts_with_its_server_down_and_delivers_once_it_is_back(start_worker):
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import SMTPSink, free_port
+
+    port = free_port()  # nothing listens here yet
+    worker = start_worker(
+        ["messenger.smtp"], env={"EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(port)}
+    )
+    assert "could not warm up" in worker.text() or "cannot connect" in worker.text()
+    sink = SMTPSink()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        addresses = [f"late{i}@example.com" for i in range(10)]
+        schedule_messages("back again", recipients("smtp", addresses))
+        sink.wait_for(10, timeout=30)
+        assert sorted(sink.recipients()) == sorted(addresses)
+        assert wait_until(lambda: Dispatch.objects.filter(status="sent").count() == 10, 10)
+        assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
+    finally:
+        controller.stop()

@@ -1,0 +1,213 @@
+"""The delivery pipeline and the sweep, in process on real rows: claims, outcomes, retries,
+backoff, leases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from dispatcher import pipeline, sweep, toolbox
+from dispatcher.messages import PlainTextMessage, register_message_types
+from dispatcher.models import Dispatch, DispatchError
+from messengers.exceptions import PermanentDeliveryError, TemporaryDeliveryError
+from messengers.registry import register_messenger_objects
+from sitemessage.utils import MessengerBase
+
+pytestmark = pytest.mark.django_db
+Status = Dispatch.Status
+
+
+class TwiceMessage(PlainTextMessage):
+    alias = "twice"
+    send_retry_limit = 2
+
+
+register_message_types(TwiceMessage)
+
+
+class Scripted(MessengerBase):
+    """Runs ``script(messenger, dispatches)`` as its send()."""
+
+    alias = "scripted"
+
+    def __init__(self) -> None:
+        self.script: Callable[[Scripted, list[Dispatch]], None] = lambda m, ds: [
+            m.mark_sent(d) for d in ds
+        ]
+        self.batches: list[list[str]] = []
+
+    def send(self, message_cls, message_model, dispatch_models):
+        self.batches.append([d.address for d in dispatch_models])
+        self.script(self, dispatch_models)
+
+
+@pytest.fixture
+def scripted(registered, monkeypatch):
+    messenger = Scripted()
+    register_messenger_objects(messenger)
+    published: list[tuple[str, list[int]]] = []
+    for module in (toolbox, sweep):
+        monkeypatch.setattr(
+            module, "enqueue", lambda by_alias: published.extend(sorted(by_alias.items()))
+        )
+    messenger.published = published  # type: ignore[attr-defined]
+    return messenger
+
+
+def schedule(addresses: list[str], message=None) -> list[int]:
+    [(_, dispatches)] = toolbox.schedule(
+        message or PlainTextMessage("hello"), toolbox.recipients("scripted", addresses)
+    )
+    return [d.pk for d in dispatches]
+
+
+def rows(ids: list[int]) -> list[Dispatch]:
+    return list(Dispatch.objects.filter(pk__in=ids).order_by("pk"))
+
+
+def test_sent_outcomes_are_stored_before_the_batch_ends(scripted):
+    ids = schedule(["a", "b", "c"])
+    seen_in_db = []
+
+    def script(messenger, dispatches):
+        for dispatch in dispatches:
+            messenger.mark_sent(dispatch, provider_id=f"id-{dispatch.address}")
+            seen_in_db.append(Dispatch.objects.get(pk=dispatch.pk).status)
+
+    scripted.script = script
+    result = pipeline.deliver("scripted", ids, owner="w1")
+    assert seen_in_db == [Status.SENT] * 3  # a crash after any send loses no earlier record
+    assert (result.claimed, result.sent) == (3, 3)
+    assert [r.provider_message_id for r in rows(ids)] == ["id-a", "id-b", "id-c"]
+    assert all(r.sent_at and not r.lease_owner for r in rows(ids))
+
+
+def test_a_second_run_of_the_same_ids_sends_nothing(scripted):
+    ids = schedule(["a", "b"])
+    pipeline.deliver("scripted", ids, owner="w1")
+    result = pipeline.deliver("scripted", ids, owner="w2")
+    assert result.claimed == 0 and scripted.batches == [["a", "b"]]
+
+
+def test_an_exception_marks_only_the_dispatches_not_marked_yet(scripted):
+    ids = schedule(["a", "b", "c"])
+
+    def script(messenger, dispatches):
+        messenger.mark_sent(dispatches[0])
+        raise TemporaryDeliveryError("connection reset")
+
+    scripted.script = script
+    pipeline.deliver("scripted", ids, owner="w1")
+    assert [r.status for r in rows(ids)] == [Status.SENT, Status.ERROR, Status.ERROR]
+    assert (
+        list(DispatchError.objects.values_list("exc_type", flat=True))
+        == ["TemporaryDeliveryError"] * 2
+    )
+
+
+def test_a_permanent_exception_fails_at_once(scripted):
+    ids = schedule(["a"])
+    scripted.script = lambda m, ds: (_ for _ in ()).throw(PermanentDeliveryError("refused"))
+    pipeline.deliver("scripted", ids, owner="w1")
+    [row] = rows(ids)
+    assert (row.status, row.attempts, row.next_attempt_at) == (Status.FAILED, 1, None)
+
+
+def test_a_dispatch_left_unmarked_is_an_error_not_processing(scripted):
+    ids = schedule(["a", "b"])
+    scripted.script = lambda m, ds: m.mark_sent(ds[0])
+    pipeline.deliver("scripted", ids, owner="w1")
+    assert [r.status for r in rows(ids)] == [Status.SENT, Status.ERROR]
+    assert "returned without marking" in DispatchError.objects.get().error
+
+
+def test_errors_back_off_and_end_failed_at_the_retry_limit(scripted, settings):
+    settings.SITEMESSAGE_RETRY_BACKOFF = 100
+    ids = schedule(["a"], TwiceMessage("x"))
+    scripted.script = lambda m, ds: [m.mark_error(d, "busy") for d in ds]
+    before = timezone.now()
+    pipeline.deliver("scripted", ids, owner="w1")
+    [row] = rows(ids)
+    assert row.status == Status.ERROR
+    assert before + timedelta(seconds=50) <= row.next_attempt_at <= before + timedelta(seconds=101)
+    assert pipeline.deliver("scripted", ids, owner="w2").claimed == 0  # not due yet
+
+    Dispatch.objects.filter(pk__in=ids).update(next_attempt_at=timezone.now())
+    pipeline.deliver("scripted", ids, owner="w2")
+    [row] = rows(ids)
+    assert (row.status, row.attempts) == (Status.FAILED, 2)
+    assert DispatchError.objects.filter(dispatch=row).count() == 2
+
+
+def test_the_provider_retry_after_wins_over_a_shorter_backoff(scripted, settings):
+    settings.SITEMESSAGE_RETRY_BACKOFF = 1
+    ids = schedule(["a"])
+    scripted.script = lambda m, ds: m.mark_error(
+        ds[0], TemporaryDeliveryError("429", retry_after=900)
+    )
+    before = timezone.now()
+    pipeline.deliver("scripted", ids, owner="w1")
+    assert rows(ids)[0].next_attempt_at >= before + timedelta(seconds=900)
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap(settings):
+    settings.SITEMESSAGE_RETRY_BACKOFF = 10
+    settings.SITEMESSAGE_RETRY_BACKOFF_MAX = 300
+    for attempts, full in [(1, 10), (2, 20), (3, 40), (5, 160), (6, 300), (30, 300)]:
+        delays = [pipeline.backoff(attempts) for _ in range(200)]
+        assert full / 2 <= min(delays) and max(delays) <= full
+        assert max(delays) - min(delays) > full / 10  # jittered, not one value
+
+
+def test_an_outcome_is_dropped_when_another_run_took_the_row(scripted):
+    ids = schedule(["a"])
+
+    def script(messenger, dispatches):
+        # The lease expired and another run claimed the row meanwhile.
+        Dispatch.objects.filter(pk=dispatches[0].pk).update(lease_owner="w2")
+        messenger.mark_sent(dispatches[0])
+
+    scripted.script = script
+    result = pipeline.deliver("scripted", ids, owner="w1")
+    assert result.sent == 0
+    assert (rows(ids)[0].status, rows(ids)[0].lease_owner) == (Status.PROCESSING, "w2")
+
+
+def test_sweep_releases_expired_leases_and_republishes(scripted, settings):
+    ids = schedule(["a", "b", "c", "d"], TwiceMessage("x"))
+    past = timezone.now() - timedelta(seconds=1)
+    Dispatch.objects.filter(pk=ids[0]).update(
+        status=Status.PROCESSING, attempts=1, lease_owner="dead", lease_expires_at=past
+    )
+    Dispatch.objects.filter(pk=ids[1]).update(
+        status=Status.PROCESSING, attempts=2, lease_owner="dead", lease_expires_at=past
+    )
+    Dispatch.objects.filter(pk=ids[2]).update(status=Status.PENDING, next_attempt_at=past)
+    Dispatch.objects.filter(pk=ids[3]).update(
+        status=Status.ERROR, next_attempt_at=timezone.now() + timedelta(hours=1)
+    )
+    scripted.published.clear()
+
+    assert sweep.sweep() == {"expired": 1, "failed": 1, "published": 2}
+    assert scripted.published == [("scripted", [ids[0], ids[2]])]
+    statuses = [r.status for r in rows(ids)]
+    assert statuses == [Status.PENDING, Status.FAILED, Status.PENDING, Status.ERROR]
+    assert set(DispatchError.objects.values_list("exc_type", flat=True)) == {"LeaseExpired"}
+    # Published rows wait REPUBLISH_AFTER before the next sweep publishes them again.
+    scripted.published.clear()
+    assert sweep.sweep()["published"] == 0 and scripted.published == []
+
+
+def test_sweep_by_priority(scripted):
+    low = schedule(["a"])
+    [(_, high)] = toolbox.schedule(
+        PlainTextMessage("urgent"), toolbox.recipients("scripted", ["b"]), priority=5
+    )
+    Dispatch.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    scripted.published.clear()
+    assert sweep.sweep(priority=5)["published"] == 1
+    assert scripted.published == [("scripted", [high[0].pk])]
+    assert rows(low)[0].next_attempt_at < timezone.now()
