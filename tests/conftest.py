@@ -24,6 +24,7 @@ from kombu import Queue
 
 from messengers import registry
 
+pytest_plugins = ["tests.fake_apis"]  # the local X and Telegram API servers
 ROOT = Path(__file__).resolve().parent.parent
 logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP command
 

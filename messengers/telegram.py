@@ -1,0 +1,198 @@
+"""TelegramMessenger: Bot API ``sendMessage`` over one keep-alive ``requests.Session`` per
+worker process.
+
+The bot token is part of every Bot API URL (``/bot<token>/sendMessage``), so it would leak
+into anything that prints a URL: requests' exception texts and urllib3's debug and retry log
+lines. Exceptions raised here are scrubbed and carry no link to the original; a logging filter
+scrubs urllib3's records.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from .base import MessengerBase
+from .exceptions import (
+    DeliveryError,
+    InvalidAddressError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
+
+if TYPE_CHECKING:
+    from dispatcher.messages import MessageBase
+    from dispatcher.models import Dispatch, Message
+
+DEFAULT_BASE_URL = "https://api.telegram.org"
+
+#: A chat id (negative for groups and channels) or a public ``@channelname``.
+_ADDRESS = re.compile(r"-?\d{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31}")
+#: A bot token as Telegram issues them, in a Bot API URL path.
+_TOKEN_IN_PATH = re.compile(r"/bot\d+:[^/\s'\"]+")
+#: Tokens of the messengers of this process, scrubbed whatever their shape.
+_tokens: set[str] = set()
+
+
+def scrub(text: str) -> str:
+    """``text`` without any bot token."""
+    for token in tuple(_tokens):
+        text = text.replace(token, "<token>")
+    return _TOKEN_IN_PATH.sub("/bot<token>", text)
+
+
+class _ScrubTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "/bot" in message or any(token in message for token in tuple(_tokens)):
+            record.msg, record.args = scrub(message), ()
+        return True
+
+
+for _name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.connection"):
+    logging.getLogger(_name).addFilter(_ScrubTokens())
+
+
+class TelegramMessenger(MessengerBase):
+    """Sends Telegram messages as a bot. Addresses are chat ids (``123456``, ``-1001234567``)
+    or public channel names (``@mychannel``). ``proxy`` (``http://...``; ``socks5://...``
+    needs PySocks) carries every request; TLS certificates are verified."""
+
+    alias = "telegram"
+    title = "Telegram"
+    address_attr = "telegram"
+
+    def __init__(
+        self,
+        auth_token: str,
+        proxy: str | None = None,
+        timeout: float = 10,
+        base_url: str = DEFAULT_BASE_URL,
+    ) -> None:
+        self._token = auth_token
+        if auth_token:
+            _tokens.add(auth_token)
+        self.proxy = proxy
+        self.timeout = float(timeout)
+        self.base_url = base_url.rstrip("/")
+        self._session: requests.Session | None = None
+
+    def __repr__(self) -> str:
+        return f"<TelegramMessenger {self.base_url}>"  # never the token
+
+    @classmethod
+    def validate_address(cls, address: str) -> None:
+        super().validate_address(address)
+        if not _ADDRESS.fullmatch(address):
+            raise InvalidAddressError(
+                f"messenger {cls.get_alias()!r}: {address!r} is neither a chat id nor "
+                "an @channelname"
+            )
+
+    def before_send(self) -> None:
+        self._ensure_session()
+
+    def after_send(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    def send(
+        self,
+        message_cls: type[MessageBase],
+        message_model: Message,
+        dispatch_models: list[Dispatch],
+    ) -> None:
+        for dispatch in dispatch_models:
+            try:
+                message_id = self._send_message(
+                    dispatch.address, dispatch.message_cache, dispatch.pk
+                )
+            except DeliveryError as error:
+                self.mark_exception(dispatch, error)
+            else:
+                self.mark_sent(dispatch, provider_id=message_id)
+
+    def _test_message(self, to: str, text: str) -> str:
+        self.validate_address(to)
+        return self._send_message(to, text, None)
+
+    def _ensure_session(self) -> requests.Session:
+        if self._session is None:
+            session = requests.Session()
+            if self.proxy:
+                session.proxies.update({"http": self.proxy, "https": self.proxy})
+            self._session = session
+        return self._session
+
+    def _send_message(self, chat: str, text: str, dispatch_id: int | None) -> str:
+        """Sends one message; returns its message_id. Raises a Temporary- or
+        PermanentDeliveryError whose text holds no token."""
+        session = self._ensure_session()
+        chat_id: int | str = int(chat) if chat.lstrip("-").isdigit() else chat
+        try:
+            response = session.post(
+                f"{self.base_url}/bot{self._token}/sendMessage",
+                # Telegram drops surrounding whitespace (templates end with a newline) anyway.
+                json={"chat_id": chat_id, "text": text.strip()},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            failure = f"{type(exc).__name__}: {scrub(str(exc))}"
+        else:
+            return self._result(response, dispatch_id)
+        # Raised outside the except block, so that neither __cause__ nor __context__ holds the
+        # original exception, whose text and request carry the URL with the token.
+        raise TemporaryDeliveryError(
+            f"cannot reach the Telegram Bot API at {self.base_url}: {failure}",
+            alias=self.alias,
+            dispatch_id=dispatch_id,
+        )
+
+    def _result(self, response: requests.Response, dispatch_id: int | None) -> str:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            body = {}
+        result = body.get("result")
+        if body.get("ok") is True and isinstance(result, dict) and "message_id" in result:
+            return str(result["message_id"])
+        raise self._error(response, body, dispatch_id)
+
+    def _error(
+        self, response: requests.Response, body: dict[str, Any], dispatch_id: int | None
+    ) -> DeliveryError:
+        status = response.status_code
+        error_code = body.get("error_code")
+        code = error_code if isinstance(error_code, int) else status
+        description = scrub(str(body.get("description") or response.reason or ""))
+        reason = f"{code} {description}".rstrip()
+        where: dict[str, Any] = {"alias": self.alias, "dispatch_id": dispatch_id, "response": code}
+        if 429 in (code, status):
+            parameters = body.get("parameters")
+            wait = parameters.get("retry_after") if isinstance(parameters, dict) else None
+            if wait is None:
+                wait = _header_seconds(response, "Retry-After")
+            return TemporaryDeliveryError(
+                f"Telegram Bot API rate limit reached: {reason}",
+                retry_after=float(wait) if wait is not None else None,
+                **where,
+            )
+        if max(code, status) >= 500:
+            return TemporaryDeliveryError(f"Telegram Bot API server error: {reason}", **where)
+        if response.ok:
+            # A success status without a message may mean it was sent: retrying could repeat it.
+            reason = f"HTTP {status} without a message_id"
+        return PermanentDeliveryError(f"Telegram Bot API refused the message: {reason}", **where)
+
+
+def _header_seconds(response: requests.Response, name: str) -> float | None:
+    try:
+        return float(response.headers[name])
+    except (KeyError, ValueError):
+        return None

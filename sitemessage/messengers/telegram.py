@@ -1,0 +1,3 @@
+from messengers.telegram import TelegramMessenger
+
+__all__ = ["TelegramMessenger"]

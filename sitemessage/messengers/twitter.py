@@ -1,0 +1,3 @@
+from messengers.twitter import TwitterMessenger
+
+__all__ = ["TwitterMessenger"]

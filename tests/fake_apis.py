@@ -1,0 +1,474 @@
+"""Local HTTP servers that follow the X API v2 (``POST /2/tweets``) and the Telegram Bot API
+(``sendMessage``): their routes, authentication, status codes, response and error bodies and
+rate-limit headers. Each runs on 127.0.0.1 in a thread, keeps connections alive, records what it
+accepted, counts TCP connections, and can be told to fail given addresses.
+
+The ``twitter_api`` and ``telegram_api`` fixtures are loaded by tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import json
+import random
+import re
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from email.message import Message as Headers
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import pytest
+
+Reply = tuple[int, dict[str, str], Any]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], api: FakeAPI) -> None:
+        self.api = api
+        self.open_sockets: set[socket.socket] = set()
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.api.lock:
+            self.api.connections += 1
+            self.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # not a client that went away
+            super().handle_error(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.api.lock:
+            self.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so a client can reuse its connection
+    disable_nagle_algorithm = True  # else every response waits ~40 ms for a delayed ACK
+    server: _Server
+
+    def do_POST(self) -> None:
+        self._reply()
+
+    def do_GET(self) -> None:
+        self._reply()
+
+    def _reply(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        api = self.server.api
+        path = self.path
+        if api.delay:
+            time.sleep(api.delay)
+        with api.lock:
+            api.requests += 1
+            if path.startswith(("http://", "https://")):
+                api.proxied += 1
+                path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        try:
+            status, headers, payload = api.respond(self.command, path, self.headers, body)
+        except Exception:
+            api.errors.append(traceback.format_exc())
+            status, headers, payload = 500, {}, {"error": "fake server bug, see api.errors"}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class FakeAPI:
+    """A JSON API on 127.0.0.1. Subclasses implement ``respond()``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        #: TCP connections accepted, and HTTP requests answered.
+        self.connections = 0
+        self.requests = 0
+        #: Tracebacks of exceptions in respond(): a test should see none.
+        self.errors: list[str] = []
+        #: Address -> HTTP status (429 or 5xx) returned to every delivery to it.
+        self.temporary: dict[str, int] = {}
+        #: Seconds to wait before answering (to exercise client timeouts).
+        self.delay = 0.0
+        #: Requests that came in proxy form (an absolute URL as target): it serves them too.
+        self.proxied = 0
+        self._server = _Server(_Handler, self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        with self.lock:
+            sockets = list(self._server.open_sockets)
+        for sock in sockets:  # ends the handler threads waiting on kept-alive connections
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._server.server_close()
+        self._thread.join(5)
+
+    def fail_temporarily(self, address: str, status: int = 429) -> None:
+        with self.lock:
+            self.temporary[address] = status
+
+    def recover(self, address: str) -> None:
+        with self.lock:
+            self.temporary.pop(address, None)
+
+    def delivered(self) -> list[str]:
+        raise NotImplementedError
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self.delivered()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(self.delivered()) >= count
+
+    def respond(self, method: str, path: str, headers: Headers, body: bytes) -> Reply:
+        raise NotImplementedError
+
+
+# --- X API v2 ----------------------------------------------------------------------------
+
+
+def _pct(value: str) -> str:
+    """RFC 5849 section 3.6 percent-encoding."""
+    return quote(value, safe="~-._")
+
+
+def oauth1_signature(
+    method: str, url: str, params: list[tuple[str, str]], consumer_secret: str, token_secret: str
+) -> str:
+    """HMAC-SHA1 signature of a request (RFC 5849 section 3.4), computed independently of the
+    client's OAuth library."""
+    pairs = sorted((_pct(k), _pct(v)) for k, v in params)
+    normalized = "&".join(f"{k}={v}" for k, v in pairs)
+    base = "&".join([method.upper(), _pct(url), _pct(normalized)])
+    key = f"{_pct(consumer_secret)}&{_pct(token_secret)}"
+    return base64.b64encode(hmac.new(key.encode(), base.encode(), hashlib.sha1).digest()).decode()
+
+
+def parse_oauth_header(value: str) -> dict[str, str] | None:
+    if not value.startswith("OAuth "):
+        return None
+    params = {}
+    for part in value[len("OAuth ") :].split(","):
+        key, sep, quoted = part.strip().partition("=")
+        if not sep or len(quoted) < 2 or quoted[0] != '"' or quoted[-1] != '"':
+            return None
+        params[unquote(key)] = unquote(quoted[1:-1])
+    return params
+
+
+_OAUTH_REQUIRED = {
+    "oauth_consumer_key",
+    "oauth_token",
+    "oauth_signature_method",
+    "oauth_timestamp",
+    "oauth_nonce",
+    "oauth_version",
+    "oauth_signature",
+}
+_PROBLEM = "about:blank"
+
+
+def _problem(status: int, title: str, detail: str) -> dict[str, Any]:
+    return {"title": title, "type": _PROBLEM, "status": status, "detail": detail}
+
+
+class FakeX(FakeAPI):
+    """``POST /2/tweets`` with OAuth 1.0a user context, as api.twitter.com serves it."""
+
+    api_key = "fake-consumer-key-0123456789"
+    api_secret = "fake-consumer-secret-abcdefghijklmnopqrstuvwxyz0123"
+    access_token = "1234567890-fakeAccessTokenABCDEFGHIJKLMNOP"
+    access_token_secret = "fake-access-token-secret-ABCDEFGHIJKLMNOPQRSTU"
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Accepted posts: {"id", "text", "mention"} (mention: the leading @name, or "").
+        self.tweets: list[dict[str, str]] = []
+        #: Mentioned names whose posts are refused with 403 Forbidden.
+        self.forbidden: set[str] = set()
+        #: Requests refused with 401, and why.
+        self.auth_failures: list[str] = []
+        #: Seconds from a 429 to its x-rate-limit-reset, and the reset of the last 429.
+        self.reset_in = 60
+        self.last_reset = 0
+        #: Posts per 15-minute window reported in the x-rate-limit-* headers.
+        self.window_limit = 10_000
+        self._window_reset = int(time.time()) + 900
+        self._nonces: set[str] = set()
+        self._ids = itertools.count(random.randrange(10**18, 9 * 10**18, 10**6))
+
+    def options(self) -> dict[str, Any]:
+        """Options of a TwitterMessenger that this server accepts."""
+        return {
+            "api_key": self.api_key,
+            "api_secret": self.api_secret,
+            "access_token": self.access_token,
+            "access_token_secret": self.access_token_secret,
+            "base_url": self.url,
+        }
+
+    def delivered(self) -> list[str]:
+        with self.lock:
+            return [tweet["mention"] for tweet in self.tweets]
+
+    def fail_permanently(self, address: str) -> None:
+        with self.lock:
+            self.forbidden.add(address.lstrip("@"))
+
+    def respond(self, method: str, path: str, headers: Headers, body: bytes) -> Reply:
+        url = urlsplit(path)
+        if (method, url.path) != ("POST", "/2/tweets"):
+            return 404, {}, {"errors": [{"message": "Sorry, that page does not exist", "code": 34}]}
+        problem = self._check_oauth(method, url.path, url.query, headers)
+        if problem:
+            with self.lock:
+                self.auth_failures.append(problem)
+            return 401, {}, _problem(401, "Unauthorized", "Unauthorized")
+        try:
+            payload = json.loads(body) if "json" in headers.get("Content-Type", "") else None
+        except ValueError:
+            payload = None
+        text = payload.get("text") if isinstance(payload, dict) else None
+        if not isinstance(text, str) or not text:
+            return 400, {}, self._invalid("text", "The `text` field is required.")
+        match = re.match(r"@(\w+)", text)
+        mention = match[1] if match else ""
+        with self.lock:
+            if mention in self.temporary:
+                return self._temporary(self.temporary[mention])
+            if mention in self.forbidden:
+                detail = "You are not permitted to perform this action."
+                return 403, {}, _problem(403, "Forbidden", detail)
+            if any(tweet["text"] == text for tweet in self.tweets):
+                detail = "You are not allowed to create a Tweet with duplicate content."
+                return 403, {}, _problem(403, "Forbidden", detail)
+            tweet_id = str(next(self._ids))
+            self.tweets.append({"id": tweet_id, "text": text, "mention": mention})
+            remaining = max(0, self.window_limit - len(self.tweets))
+        data = {"id": tweet_id, "text": text, "edit_history_tweet_ids": [tweet_id]}
+        return 201, self._limit_headers(remaining, self._window_reset), {"data": data}
+
+    def _check_oauth(self, method: str, path: str, query: str, headers: Headers) -> str:
+        """Why the Authorization header is not a valid OAuth 1.0a signature by our client,
+        or '' when it is."""
+        oauth = parse_oauth_header(headers.get("Authorization", ""))
+        if oauth is None:
+            return "no well-formed OAuth Authorization header"
+        missing = _OAUTH_REQUIRED - set(oauth)
+        if missing:
+            return f"missing {sorted(missing)}"
+        if oauth["oauth_signature_method"] != "HMAC-SHA1" or oauth["oauth_version"] != "1.0":
+            return "unsupported signature method or version"
+        if oauth["oauth_consumer_key"] != self.api_key or oauth["oauth_token"] != self.access_token:
+            return "unknown consumer key or token"
+        if not oauth["oauth_timestamp"].isdigit() or (
+            abs(int(oauth["oauth_timestamp"]) - time.time()) > 300
+        ):
+            return "timestamp out of range"
+        params = [(k, v) for k, v in oauth.items() if k not in ("oauth_signature", "realm")]
+        params += parse_qsl(query, keep_blank_values=True)
+        base_url = f"http://{headers.get('Host', '').lower()}{path}"
+        expected = oauth1_signature(
+            method, base_url, params, self.api_secret, self.access_token_secret
+        )
+        if not hmac.compare_digest(expected, oauth["oauth_signature"]):
+            return "signature mismatch"
+        with self.lock:
+            if oauth["oauth_nonce"] in self._nonces:
+                return "nonce reused"
+            self._nonces.add(oauth["oauth_nonce"])
+        return ""
+
+    def _temporary(self, status: int) -> Reply:
+        if status == 429:
+            reset = self.last_reset = int(time.time()) + self.reset_in
+            detail = "Too Many Requests"
+            return 429, self._limit_headers(0, reset), _problem(429, detail, detail)
+        return status, {}, _problem(status, "Service Unavailable", "Service Unavailable")
+
+    def _limit_headers(self, remaining: int, reset: int) -> dict[str, str]:
+        return {
+            "x-rate-limit-limit": str(self.window_limit),
+            "x-rate-limit-remaining": str(remaining),
+            "x-rate-limit-reset": str(reset),
+        }
+
+    @staticmethod
+    def _invalid(parameter: str, message: str) -> dict[str, Any]:
+        return {
+            "errors": [{"parameters": {parameter: []}, "message": message}],
+            "title": "Invalid Request",
+            "detail": "One or more parameters to your request was invalid.",
+            "type": "https://api.twitter.com/2/problems/invalid-request",
+        }
+
+
+# --- Telegram Bot API --------------------------------------------------------------------
+
+
+def _tg_error(code: int, description: str, **extra: Any) -> Reply:
+    return code, {}, {"ok": False, "error_code": code, "description": description, **extra}
+
+
+class FakeTelegram(FakeAPI):
+    """``/bot<token>/sendMessage`` (and ``getMe``), as api.telegram.org serves them."""
+
+    token = "7012345678:AAFakeTokenForTestsOnly_abcdefghijkl"
+    bot = {
+        "id": 7012345678,
+        "is_bot": True,
+        "first_name": "Sitemessage test bot",
+        "username": "sitemessage_test_bot",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Accepted messages: {"chat_id", "text", "message_id"}.
+        self.messages: list[dict[str, Any]] = []
+        #: Chats that do not exist (400 chat not found) and users who blocked the bot (403).
+        self.missing: set[str] = set()
+        self.blocked: set[str] = set()
+        #: The retry_after of a 429.
+        self.retry_after = 30
+        self._next_id: dict[str, int] = {}
+
+    def options(self) -> dict[str, Any]:
+        """Options of a TelegramMessenger that this server accepts."""
+        return {"auth_token": self.token, "base_url": self.url, "timeout": 5}
+
+    def delivered(self) -> list[str]:
+        with self.lock:
+            return [message["chat_id"] for message in self.messages]
+
+    def fail_permanently(self, address: str, blocked: bool = False) -> None:
+        with self.lock:
+            (self.blocked if blocked else self.missing).add(address)
+
+    def respond(self, method: str, path: str, headers: Headers, body: bytes) -> Reply:
+        url = urlsplit(path)
+        match = re.fullmatch(r"/bot([^/]+)/(\w+)", url.path)
+        if not match:
+            return _tg_error(404, "Not Found")
+        if unquote(match[1]) != self.token:
+            return _tg_error(401, "Unauthorized")
+        params: dict[str, Any] = dict(parse_qsl(url.query))
+        content_type = headers.get("Content-Type", "")
+        try:
+            if "json" in content_type and body:
+                params.update(json.loads(body))
+            elif "x-www-form-urlencoded" in content_type:
+                params.update(parse_qsl(body.decode()))
+        except ValueError:
+            return _tg_error(400, "Bad Request: can't parse JSON object")
+        api_method = match[2].lower()  # Bot API method names are case-insensitive
+        if api_method == "getme":
+            return 200, {}, {"ok": True, "result": self.bot}
+        if api_method != "sendmessage":
+            return _tg_error(404, "Not Found")
+        return self._send_message(params)
+
+    def _send_message(self, params: dict[str, Any]) -> Reply:
+        chat = str(params.get("chat_id", "")).strip()
+        text = params.get("text")
+        if not chat:
+            return _tg_error(400, "Bad Request: chat_id is empty")
+        if not isinstance(text, str) or not text.strip():
+            return _tg_error(400, "Bad Request: message text is empty")
+        if len(text) > 4096:
+            return _tg_error(400, "Bad Request: message is too long")
+        if not re.fullmatch(r"-?\d+|@\w+", chat):
+            return _tg_error(400, "Bad Request: chat not found")
+        with self.lock:
+            if chat in self.temporary:
+                status = self.temporary[chat]
+                if status == 429:
+                    return _tg_error(
+                        429,
+                        f"Too Many Requests: retry after {self.retry_after}",
+                        parameters={"retry_after": self.retry_after},
+                    )
+                return _tg_error(status, "Bad Gateway")
+            if chat in self.missing:
+                return _tg_error(400, "Bad Request: chat not found")
+            if chat in self.blocked:
+                return _tg_error(403, "Forbidden: bot was blocked by the user")
+            message_id = self._next_id.get(chat, 1)
+            self._next_id[chat] = message_id + 1
+            self.messages.append({"chat_id": chat, "text": text, "message_id": message_id})
+        result: dict[str, Any] = {
+            "message_id": message_id,
+            "chat": self._chat(chat),
+            "date": int(time.time()),
+            "text": text,
+        }
+        if result["chat"]["type"] == "channel":
+            result["sender_chat"] = result["chat"]
+        else:
+            result["from"] = self.bot
+        return 200, {}, {"ok": True, "result": result}
+
+    @staticmethod
+    def _chat(chat: str) -> dict[str, Any]:
+        if chat.startswith("@"):
+            chat_id = -1_000_000_000_000 - (
+                int(hashlib.sha1(chat.encode()).hexdigest(), 16) % 10**9
+            )
+            return {"id": chat_id, "title": chat[1:], "username": chat[1:], "type": "channel"}
+        if chat.startswith("-"):
+            return {"id": int(chat), "title": "Test group", "type": "supergroup"}
+        return {"id": int(chat), "first_name": "Test", "type": "private"}
+
+
+@pytest.fixture
+def twitter_api() -> Iterator[FakeX]:
+    api = FakeX()
+    api.start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture
+def telegram_api() -> Iterator[FakeTelegram]:
+    api = FakeTelegram()
+    api.start()
+    try:
+        yield api
+    finally:
+        api.stop()
