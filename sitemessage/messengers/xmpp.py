@@ -1,0 +1,3 @@
+from messengers.xmpp import XMPPSleekMessenger
+
+__all__ = ["XMPPSleekMessenger"]

@@ -1,0 +1,340 @@
+"""XMPPSleekMessenger against a real prosody on loopback, received by real XMPP clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from dispatcher import pipeline, toolbox
+from dispatcher.messages import PlainTextMessage
+from dispatcher.models import Dispatch, DispatchError
+from dispatcher.sweep import sweep
+from messengers import xmpp
+from messengers.exceptions import InvalidAddressError, TemporaryDeliveryError
+from messengers.registry import register_messenger_objects
+from sitemessage.messengers.xmpp import XMPPSleekMessenger
+from sitemessage.toolbox import recipients, schedule_messages
+from tests.conftest import free_port, wait_until
+from tests.contract import MessengerContract
+from tests.xmpp_server import ACCOUNTS, DOMAIN, PASSWORD, SENDER, Prosody, Recipient
+from tests.xmpp_server import prosody as prosody
+from tests.xmpp_server import prosody_tls as prosody_tls
+
+Status = Dispatch.Status
+ADDRESSES = [f"rcpt{i}@{DOMAIN}" for i in range(3)]
+
+
+def texts_of(client: Recipient) -> list[str]:
+    """The bodies a recipient got, without the newline that ends the plain template."""
+    return [body.removesuffix("\n") for body in client.received()]
+
+
+def make_messenger(server: Prosody, password: str = PASSWORD) -> XMPPSleekMessenger:
+    return XMPPSleekMessenger(SENDER, password, host="127.0.0.1", port=server.port, use_tls=False)
+
+
+@pytest.fixture
+def online(prosody: Prosody) -> Iterator[dict[str, Recipient]]:
+    """The recipients, logged in and present."""
+    clients: dict[str, Recipient] = {}
+    try:
+        for address in ADDRESSES:
+            user = address.split("@")[0]
+            clients[address] = Recipient(address, ACCOUNTS[user], prosody.port).connect()
+        yield clients
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+@pytest.fixture
+def messenger(prosody: Prosody) -> Iterator[XMPPSleekMessenger]:
+    messenger = make_messenger(prosody)
+    try:
+        yield messenger
+    finally:
+        messenger.after_send()
+
+
+def deliver_now(messenger: XMPPSleekMessenger, texts: list[str], addresses: list[str]):
+    """Schedules and delivers in this process as a worker would; returns the rows."""
+    register_messenger_objects(messenger)
+    created = toolbox.schedule(
+        [PlainTextMessage(text) for text in texts], toolbox.recipients("xmppsleek", addresses)
+    )
+    ids = [d.pk for _, dispatches in created for d in dispatches]
+    pipeline.deliver("xmppsleek", ids, owner="test")
+    return list(Dispatch.objects.filter(pk__in=ids).order_by("pk"))
+
+
+class TestXMPPContract(MessengerContract):
+    # ``messenger`` is the module's fixture: not warmed, pointed at this test's prosody.
+
+    @pytest.fixture
+    def addresses(self) -> list[str]:
+        return list(ADDRESSES)
+
+    @pytest.fixture
+    def delivered(self, online: dict[str, Recipient]) -> Callable[[], list[str]]:
+        def read() -> list[str]:
+            result = []
+            for address, client in online.items():
+                client.sync()
+                result += [address] * len(client.received())
+            return result
+
+        return read
+
+    @pytest.fixture
+    def temporary_failure(self, prosody: Prosody) -> Callable[[str], None]:
+        return lambda address: prosody.stop()
+
+    @pytest.fixture
+    def permanent_failure(self) -> Callable[[str], str]:
+        # An account the server does not have: it bounces with service-unavailable (cancel).
+        return lambda address: f"nobody@{DOMAIN}"
+
+
+@pytest.fixture
+def in_process(registered: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(toolbox, "enqueue", lambda ids_by_messenger: None)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("in_process")
+class TestDelivery:
+    def test_each_recipient_gets_each_body_exactly_once(self, messenger, online):
+        texts = ["Hello <b>&amp; 'you'</b>", "Zweite Nachricht: grüß dich ✓\nline two"]
+        rows = deliver_now(messenger, texts, ADDRESSES)
+
+        assert {row.status for row in rows} == {Status.SENT}
+        for address, client in online.items():
+            client.sync()
+            assert texts_of(client) == texts, address
+        assert {row.provider_message_id for row in rows} == {
+            f"sitemessage.{row.message_id}.{row.pk}" for row in rows
+        }
+
+    def test_a_dropped_session_is_replaced_on_the_next_batch(self, messenger, online, prosody):
+        assert deliver_now(messenger, ["before"], ADDRESSES[:1])[0].status == Status.SENT
+        prosody.restart()
+        assert wait_until(lambda: online[ADDRESSES[0]].online.is_set(), timeout=10)
+
+        assert deliver_now(messenger, ["after"], ADDRESSES[:1])[0].status == Status.SENT
+        online[ADDRESSES[0]].sync()
+        assert texts_of(online[ADDRESSES[0]]) == ["before", "after"]
+
+    def test_unacknowledged_messages_are_not_marked_sent(
+        self, messenger, online, prosody, monkeypatch
+    ):
+        monkeypatch.setattr(xmpp, "TIMEOUT", 1.0)
+        messenger.before_send()
+        assert prosody.proc is not None
+        os.kill(prosody.proc.pid, signal.SIGSTOP)  # alive, but it answers nothing
+        try:
+            rows = deliver_now(messenger, ["into the void"], ADDRESSES[:2])
+        finally:
+            os.kill(prosody.proc.pid, signal.SIGCONT)
+        assert {row.status for row in rows} == {Status.ERROR}
+        errors = DispatchError.objects.filter(dispatch__in=rows)
+        assert all("did not acknowledge" in e.error for e in errors), [e.error for e in errors]
+
+        rows = deliver_now(messenger, ["later"], ADDRESSES[:1])  # logs in again
+        assert rows[0].status == Status.SENT
+
+    def test_a_body_xml_cannot_carry_fails_and_the_session_survives(self, messenger, online):
+        [bad] = deliver_now(messenger, ["bell \x07 rings"], ADDRESSES[:1])
+        assert bad.status == Status.FAILED
+        assert "XML cannot carry" in DispatchError.objects.get(dispatch=bad).error
+        [good] = deliver_now(messenger, ["fine"], ADDRESSES[:1])
+        assert good.status == Status.SENT
+
+    def test_wrong_password_is_a_clear_error_and_nothing_is_sent(self, prosody, online):
+        messenger = make_messenger(prosody, password="not-the-password")
+        try:
+            with pytest.raises(TemporaryDeliveryError) as info:
+                messenger.before_send()
+            rows = deliver_now(messenger, ["secret plans"], ADDRESSES[:2])
+        finally:
+            messenger.after_send()
+        message = str(info.value)
+        assert SENDER in message and "not-authorized" in message
+        assert "not-the-password" not in message
+        assert {row.status for row in rows} == {Status.ERROR}
+        for error in DispatchError.objects.filter(dispatch__in=rows):
+            assert SENDER in error.error and "not-the-password" not in error.error
+        assert all(not client.received() for client in online.values())
+
+    def test_server_down_is_a_temporary_error(self, prosody):
+        messenger = make_messenger(prosody)
+        prosody.stop()
+        started = time.monotonic()
+        try:
+            [row] = deliver_now(messenger, ["anyone?"], ADDRESSES[:1])
+        finally:
+            messenger.after_send()
+        assert time.monotonic() - started < 3  # refused at once, no login timeout
+        assert row.status == Status.ERROR and row.next_attempt_at is not None
+        assert "cannot connect" in DispatchError.objects.get(dispatch=row).error
+
+    def test_tls_is_required_by_default(self, prosody):
+        # This server offers no STARTTLS: the default messenger must not log in in the clear.
+        messenger = XMPPSleekMessenger(SENDER, PASSWORD, host="127.0.0.1", port=prosody.port)
+        try:
+            with pytest.raises(TemporaryDeliveryError, match="no login mechanism"):
+                messenger.before_send()
+        finally:
+            messenger.after_send()
+
+    def test_starttls_verifies_the_certificate(self, prosody_tls, monkeypatch):
+        messenger = XMPPSleekMessenger(SENDER, PASSWORD, host="127.0.0.1", port=prosody_tls.port)
+        try:
+            with pytest.raises(TemporaryDeliveryError, match="CERTIFICATE_VERIFY_FAILED"):
+                messenger.before_send()
+        finally:
+            messenger.after_send()
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(prosody_tls.certificate))  # trust it
+        messenger = XMPPSleekMessenger(SENDER, PASSWORD, host="127.0.0.1", port=prosody_tls.port)
+        try:  # this server requires encryption: an acknowledged message went over TLS
+            assert messenger.send_test_message(f"rcpt0@{DOMAIN}", "over TLS")
+        finally:
+            messenger.after_send()
+
+    def test_send_test_message(self, messenger, online):
+        stanza_id = messenger.send_test_message(ADDRESSES[2], "probe")
+        assert stanza_id
+        online[ADDRESSES[2]].sync()
+        assert online[ADDRESSES[2]].received() == ["probe"]  # as it is: no template
+
+
+@pytest.mark.parametrize(
+    "address", ["not a jid", DOMAIN, "a@b@c", "@nodomain", f"rcpt0@{DOMAIN}\n"]
+)
+def test_an_invalid_jid_is_refused_when_scheduling(address, registered):
+    register_messenger_objects(XMPPSleekMessenger(SENDER, PASSWORD, port=free_port()))
+    with pytest.raises(InvalidAddressError, match="xmppsleek"):
+        recipients("xmppsleek", [address])
+
+
+# Through a real worker process --------------------------------------------------------------
+
+N_MESSAGES = 100  # each to len(ADDRESSES_E2E) recipients: 500 dispatches
+ADDRESSES_E2E = [f"rcpt{i}@{DOMAIN}" for i in range(5)]
+
+
+@pytest.fixture
+def five_online(prosody: Prosody) -> Iterator[list[Recipient]]:
+    clients = []
+    try:
+        for address in ADDRESSES_E2E:
+            user = address.split("@")[0]
+            clients.append(Recipient(address, ACCOUNTS[user], prosody.port).connect())
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
+
+
+def worker_env(server: Prosody, password: str = PASSWORD) -> dict[str, str]:
+    options = {
+        "from_jid": SENDER,
+        "password": password,
+        "host": "127.0.0.1",
+        "port": server.port,
+        "use_tls": False,
+    }
+    return {
+        "SITEMESSAGE_MESSENGERS": json.dumps({"xmppsleek": {"options": options}}),
+        "SITEMESSAGE_RETRY_BACKOFF": "0.2",
+        "SITEMESSAGE_RETRY_BACKOFF_MAX": "1",
+    }
+
+
+def schedule_500(server: Prosody) -> list[str]:
+    register_messenger_objects(make_messenger(server))
+    texts = [f"message {i:03d}" for i in range(N_MESSAGES)]
+    schedule_messages([PlainTextMessage(t) for t in texts], recipients("xmppsleek", ADDRESSES_E2E))
+    return texts
+
+
+def sent() -> int:
+    return Dispatch.objects.filter(status=Status.SENT).count()
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_500_messages_through_a_worker_arrive_exactly_once(
+    prosody, five_online, start_worker, registered
+):
+    start_worker(["messenger.xmppsleek"], env=worker_env(prosody))
+    started = time.monotonic()
+    texts = schedule_500(prosody)
+
+    assert wait_until(lambda: sent() == 500, timeout=60), Counter(
+        Dispatch.objects.values_list("status", flat=True)
+    )
+    for client in five_online:
+        assert client.wait_for(N_MESSAGES, timeout=10)
+    elapsed = time.monotonic() - started
+    print(
+        f"\n500 XMPP messages delivered through a worker in {elapsed:.2f}s ({500 / elapsed:.0f}/s)"
+    )
+    for client in five_online:
+        client.sync()
+        assert sorted(texts_of(client)) == texts, client.jid  # each exactly once
+    assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_500_messages_survive_a_server_restart(
+    prosody, five_online, start_worker, registered, settings
+):
+    settings.SITEMESSAGE_BATCH_SIZE = 20  # many batches: the restart lands in the middle
+    worker = start_worker(["messenger.xmppsleek"], env=worker_env(prosody))
+    texts = schedule_500(prosody)
+    assert wait_until(lambda: sent() >= 100, timeout=30)
+    prosody.restart()
+    at_restart = sent()
+
+    deadline = time.monotonic() + 90
+    while sent() < 500 and time.monotonic() < deadline:
+        sweep()  # what beat would do: publish the retries that are due
+        time.sleep(0.5)
+    statuses = Counter(Dispatch.objects.values_list("status", flat=True))
+    assert statuses == {Status.SENT: 500}, (statuses, worker.text()[-3000:])
+    retried = DispatchError.objects.count()
+    print(f"\nrestart after {at_restart} sent; {retried} attempts failed and were retried")
+
+    for client in five_online:
+        assert client.wait_for(N_MESSAGES, timeout=20), client.jid
+        client.sync()
+        got = Counter(texts_of(client))
+        assert set(got) == set(texts), client.jid  # every dispatch is SENT, and received
+        dupes = sum(count - 1 for count in got.values())
+        print(f"{client.jid}: {sum(got.values())} received, {dupes} duplicates")
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_wrong_password_through_a_worker(prosody, five_online, start_worker, registered):
+    worker = start_worker(
+        ["messenger.xmppsleek"], concurrency=1, env=worker_env(prosody, "wrong-secret")
+    )
+    register_messenger_objects(make_messenger(prosody))
+    schedule_messages("hello", recipients("xmppsleek", ADDRESSES_E2E[:3]))
+
+    assert wait_until(lambda: Dispatch.objects.filter(status=Status.ERROR).count() == 3, timeout=30)
+    assert sent() == 0
+    for error in DispatchError.objects.all():
+        assert f"refused the login of {SENDER!r}" in error.error
+        assert "wrong-secret" not in error.error
+    assert "wrong-secret" not in worker.text()
+    assert all(not client.received() for client in five_online)
