@@ -1,6 +1,20 @@
-from django.contrib import admin
+"""The admin: messages with their dispatches, dispatches with their error log, and the
+"Retry now" action for failed dispatches."""
 
+from __future__ import annotations
+
+from collections import defaultdict
+
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+
+from . import toolbox
 from .models import Dispatch, DispatchError, Message
+
+Status = Dispatch.Status
 
 
 class DispatchInline(admin.TabularInline):
@@ -41,3 +55,41 @@ class DispatchAdmin(admin.ModelAdmin):
     search_fields = ("address", "provider_message_id")
     raw_id_fields = ("message", "recipient")
     inlines = [DispatchErrorInline]
+    actions = ["retry_now"]
+
+    @admin.action(description="Retry now", permissions=["change"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Dispatch]) -> None:
+        """Gives the selected FAILED and ERROR dispatches a fresh attempt budget and publishes
+        them at once; delivery claims them like any other pending dispatch."""
+        with transaction.atomic():
+            rows = list(
+                queryset.filter(status__in=[Status.FAILED, Status.ERROR])
+                .select_for_update()
+                .values_list("pk", "messenger")
+            )
+            Dispatch.objects.filter(pk__in=[pk for pk, _ in rows]).update(
+                status=Status.PENDING,
+                attempts=0,
+                next_attempt_at=timezone.now(),
+                lease_owner="",
+                lease_expires_at=None,
+            )
+        skipped = queryset.count() - len(rows)
+        note = (
+            f"; {skipped} skipped (only failed or error dispatches are retried)" if skipped else ""
+        )
+        ids_by_messenger: dict[str, list[int]] = defaultdict(list)
+        for pk, messenger in rows:
+            ids_by_messenger[messenger].append(pk)
+        unpublished = toolbox.enqueue(ids_by_messenger)
+        if unpublished:
+            self.message_user(
+                request,
+                f"{len(rows)} dispatches reset to pending, but publishing failed for "
+                f"{len(unpublished)} of them (see the log); the next sweep publishes them{note}",
+                messages.ERROR,
+            )
+        else:
+            self.message_user(
+                request, f"{len(rows)} dispatches queued for retry now{note}", messages.SUCCESS
+            )

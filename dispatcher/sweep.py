@@ -52,8 +52,17 @@ def sweep(priority: int | None = None) -> dict[str, int]:
     ids_by_messenger: dict[str, list[int]] = defaultdict(list)
     for pk, messenger in rows:
         ids_by_messenger[messenger].append(pk)
-    enqueue(ids_by_messenger)
-    return {"expired": expired, "failed": failed, "published": len(rows)}
+    unpublished = enqueue(ids_by_messenger)
+    if unpublished:  # the broker is down: due again at the next sweep, not after REPUBLISH_AFTER
+        Dispatch.objects.filter(pk__in=unpublished, status=Status.PENDING).update(
+            next_attempt_at=now
+        )
+    return {
+        "expired": expired,
+        "failed": failed,
+        "published": len(rows) - len(unpublished),
+        "unpublished": len(unpublished),
+    }
 
 
 def release_expired_leases(now: datetime) -> tuple[int, int]:

@@ -127,11 +127,13 @@ def schedule(
     return created
 
 
-def enqueue(ids_by_messenger: dict[str, list[int]]) -> None:
-    """Publishes delivery tasks. A broker failure is logged, not raised: the rows are stored
-    and stay pending, and the sweep publishes them again."""
+def enqueue(ids_by_messenger: dict[str, list[int]]) -> list[int]:
+    """Publishes delivery tasks; returns the ids it could not publish. A broker failure is
+    logged, not raised: the rows are stored and stay pending, and the sweep publishes them
+    again."""
     from . import tasks
 
+    unpublished: list[int] = []
     for alias, ids in ids_by_messenger.items():
         try:
             tasks.enqueue_dispatches(alias, ids)
@@ -141,6 +143,8 @@ def enqueue(ids_by_messenger: dict[str, list[int]]) -> None:
                 len(ids),
                 alias,
             )
+            unpublished += ids
+    return unpublished
 
 
 def send_test_message(messenger: str, to: str | None = None) -> Any:
@@ -211,12 +215,31 @@ def checked_context(message: MessageBase) -> dict[str, Any]:
         raise InvalidContextError(
             f"context of {message.get_alias()!r} is not JSON: {exc}"
         ) from None
-    if "\\u0000" in text:
+    result = json.loads(text)
+    problem = _unstorable_text(result)
+    if problem:
         raise InvalidContextError(
-            f"context of {message.get_alias()!r} contains a NUL character, which databases "
-            "cannot store in JSON"
+            f"context of {message.get_alias()!r} contains {problem}, which databases cannot "
+            "store in JSON"
         )
-    return json.loads(text)
+    return result
+
+
+def _unstorable_text(value: Any) -> str | None:
+    """Names what the first string in a JSON value holds that databases cannot store, if any."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "a NUL character"
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "a lone surrogate"
+        return None
+    if isinstance(value, dict):
+        items = [*value, *value.values()]
+    else:
+        items = value if isinstance(value, list) else []
+    return next((problem for problem in map(_unstorable_text, items) if problem), None)
 
 
 def check_user(user: Any, role: str) -> None:

@@ -98,6 +98,13 @@ class MessengerBase:
             raise InvalidAddressError(
                 f"messenger {cls.get_alias()!r}: address {address!r} contains control characters"
             )
+        try:
+            address.encode()
+        except UnicodeEncodeError:
+            raise InvalidAddressError(
+                f"messenger {cls.get_alias()!r}: address {address!r} is not valid Unicode "
+                "(it contains a lone surrogate)"
+            ) from None
 
     def before_send(self) -> None:
         """Warm up (connect, log in). Called once per worker process before its first batch, and

@@ -53,10 +53,13 @@ def scripted(registered, monkeypatch):
     messenger = Scripted()
     register_messenger_objects(messenger)
     published: list[tuple[str, list[int]]] = []
+
+    def enqueue(ids_by_messenger: dict[str, list[int]]) -> list[int]:
+        published.extend(sorted(ids_by_messenger.items()))
+        return []
+
     for module in (toolbox, sweep):
-        monkeypatch.setattr(
-            module, "enqueue", lambda by_alias: published.extend(sorted(by_alias.items()))
-        )
+        monkeypatch.setattr(module, "enqueue", enqueue)
     messenger.published = published  # type: ignore[attr-defined]
     return messenger
 
@@ -197,7 +200,7 @@ def test_sweep_releases_expired_leases_and_republishes(scripted, settings):
     )
     scripted.published.clear()
 
-    assert sweep.sweep() == {"expired": 1, "failed": 1, "published": 2}
+    assert sweep.sweep() == {"expired": 1, "failed": 1, "published": 2, "unpublished": 0}
     assert scripted.published == [("scripted", [ids[0], ids[2]])]
     statuses = [r.status for r in rows(ids)]
     assert statuses == [Status.PENDING, Status.FAILED, Status.PENDING, Status.ERROR]

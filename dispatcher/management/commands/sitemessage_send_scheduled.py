@@ -1,0 +1,64 @@
+"""``manage.py sitemessage_send_scheduled [--priority N]``: runs the sweep now, as beat does.
+
+Exits 1 (CommandError) when the broker cannot be reached, in which case nothing is changed and
+the dispatches stay in the database for the next sweep, when publishing fails half-way, or when
+the database fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
+
+from dispatcher.sweep import sweep
+from workers import app
+
+#: Seconds to wait for the broker before giving up.
+BROKER_TIMEOUT = 5
+
+
+class Command(BaseCommand):
+    help = (
+        "Runs the sweep now: dispatches whose worker died are given back, due retries and "
+        "pending dispatches that wait too long are published again."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--priority",
+            type=int,
+            default=None,
+            help="only publish dispatches of messages with this priority",
+        )
+
+    def handle(self, *args: Any, priority: int | None = None, **options: Any) -> None:
+        check_broker()
+        try:
+            result = sweep(priority=priority)
+        except DatabaseError as exc:
+            raise CommandError(f"the sweep failed on the database: {exc}") from exc
+        where = "" if priority is None else f" of priority {priority}"
+        self.stdout.write(
+            f"expired leases: {result['expired']} given back for a retry, "
+            f"{result['failed']} failed at their attempt limit; "
+            f"{result['published']} dispatches{where} published"
+        )
+        if result["unpublished"]:
+            raise CommandError(
+                f"publishing failed for {result['unpublished']} dispatches (see the log); they "
+                "stay in the database and are due again at the next sweep"
+            )
+
+
+def check_broker() -> None:
+    """Raises CommandError unless the broker answers within BROKER_TIMEOUT seconds."""
+    with app.connection_for_write() as conn:
+        try:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT)
+        except Exception as exc:
+            raise CommandError(
+                f"broker {conn.as_uri()} unreachable ({exc}); nothing was published, the "
+                "dispatches stay in the database for the next sweep"
+            ) from exc

@@ -1,0 +1,345 @@
+"""Fault injection with real worker processes, a real broker and a real SMTP server: killed
+workers, a broker that loses its queues, an SMTP server that goes away or refuses recipients,
+duplicate tasks, a locked database and a message that cannot render.
+
+Timings are shrunk through the settings (leases of seconds, backoff under a second) and the
+sweep is called from the test process instead of waiting for beat. Each test prints its
+figures: scheduled, delivered, duplicates, lost, failed, seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from aiosmtpd.controller import Controller
+from django.db import connection
+from django.utils import timezone
+from kombu import Queue
+
+from dispatcher.models import Dispatch, DispatchError
+from dispatcher.sweep import sweep
+from dispatcher.tasks import enqueue_dispatches
+from sitemessage.messages.email import EmailTextMessage
+from sitemessage.toolbox import recipients, schedule_messages
+from tests.conftest import SMTPSink, free_port, purge, wait_until
+from tests.faultsapp.sitemessages import PoisonMessage
+from workers import app
+
+pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
+
+Status = Dispatch.Status
+QUEUE = "messenger.smtp"
+#: Retries come back within a second in these tests.
+FAST_RETRIES = {"SITEMESSAGE_RETRY_BACKOFF": "0.2", "SITEMESSAGE_RETRY_BACKOFF_MAX": "1"}
+
+
+def addresses(count: int) -> list[str]:
+    return [f"user{i}@example.com" for i in range(count)]
+
+
+def schedule(to: list[str], messages: object = None) -> None:
+    schedule_messages(messages or EmailTextMessage("Fault test", "Hello."), recipients("smtp", to))
+
+
+def statuses() -> Counter[str]:
+    return Counter(Dispatch.objects.values_list("status", flat=True))
+
+
+def all_final(count: int) -> bool:
+    counts = statuses()
+    return counts[Status.SENT] + counts[Status.FAILED] == count
+
+
+def sweep_until(done: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    """Runs the sweep, as beat would, until ``done()`` or ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        sweep()
+        time.sleep(interval)
+    return True
+
+
+def report(name: str, sink: SMTPSink, scheduled: list[str], started: float) -> dict[str, int]:
+    """Prints and returns the figures of a fault test."""
+    received = Counter(sink.recipients())
+    failed = set(Dispatch.objects.filter(status=Status.FAILED).values_list("address", flat=True))
+    figures = {
+        "scheduled": len(scheduled),
+        "delivered": len(set(scheduled) & set(received)),
+        "duplicates": sum(n - 1 for n in received.values()),
+        "lost": len(set(scheduled) - set(received) - failed),
+        "failed": len(failed),
+    }
+    seconds = time.monotonic() - started
+    print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in figures.items()) + f", {seconds:.1f}s")
+    return figures
+
+
+def sent_exactly_once(sink: SMTPSink, to: list[str]) -> bool:
+    return sorted(sink.recipients()) == sorted(to)
+
+
+def test_workers_killed_mid_delivery_lose_nothing(smtp_server, start_worker, settings):
+    sink, port = smtp_server
+    settings.SITEMESSAGE_REPUBLISH_AFTER = 2
+    env = {"EMAIL_PORT": str(port), "SITEMESSAGE_LEASE_SECONDS": "6"}
+    first = start_worker([QUEUE], concurrency=2, env=env)
+    to = addresses(2000)
+    started = time.monotonic()
+
+    schedule(to)
+    assert wait_until(lambda: len(sink.messages) >= 500, timeout=60), "delivery did not start"
+    children = first.children()
+    for pid in [first.proc.pid, *children]:
+        os.kill(pid, signal.SIGKILL)
+    first.proc.wait(10)
+    assert wait_until(lambda: not any(_alive(pid) for pid in children), timeout=10)
+    at_kill = len(sink.messages)
+    stuck = Dispatch.objects.filter(status=Status.PROCESSING)
+    stuck_ids = set(stuck.values_list("pk", flat=True))
+    # The killed processes that were in the middle of a batch: each may have sent one e-mail
+    # whose outcome it could not record.
+    sending = {owner.split(":")[1] for owner in stuck.values_list("lease_owner", flat=True)}
+    assert sending <= {str(pid) for pid in children}
+    assert at_kill < len(to), "everything was delivered before the kill"
+
+    start_worker([QUEUE], concurrency=2, env=env, purge_first=False)
+    leases = Dispatch.objects.filter(pk__in=stuck_ids).values_list("lease_expires_at", flat=True)
+    lease_end = max((t for t in leases if t is not None), default=timezone.now())
+    time.sleep(max(0.0, (lease_end - timezone.now()).total_seconds()) + 0.2)
+    assert sweep_until(lambda: statuses()[Status.SENT] == len(to), timeout=90, interval=1)
+
+    figures = report("killed workers", sink, to, started)
+    print(f"killed processes: {len(children) + 1}, of which sending: {len(sending)}")
+    assert figures["lost"] == 0 and figures["failed"] == 0
+    assert figures["delivered"] == len(to)
+    assert figures["duplicates"] <= len(sending)
+    released = DispatchError.objects.filter(exc_type="LeaseExpired")
+    assert stuck_ids <= set(released.values_list("dispatch_id", flat=True))
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process still runs (a zombie waiting for init to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_broker_that_lost_its_queues(smtp_server, start_worker, settings):
+    url = urlsplit(app.conf.broker_url)
+    if url.scheme != "redis":
+        pytest.skip("flushes the broker's Redis database; the broker is not Redis")
+    import redis
+
+    sink, port = smtp_server
+    settings.SITEMESSAGE_REPUBLISH_AFTER = 1
+    purge([QUEUE])
+    to = addresses(2000)
+    started = time.monotonic()
+
+    schedule(to)
+    assert queued(QUEUE) == 20  # 2,000 ids in batches of 100, waiting for a worker
+    redis.Redis.from_url(app.conf.broker_url).flushdb()  # only the broker's own database
+    assert queued(QUEUE) == 0
+    start_worker([QUEUE], concurrency=2, env={"EMAIL_PORT": str(port)})
+    assert len(sink.messages) == 0
+
+    assert sweep_until(lambda: statuses()[Status.SENT] == len(to), timeout=60, interval=1)
+
+    figures = report("broker lost its queues", sink, to, started)
+    assert figures["delivered"] == len(to) and figures["lost"] == 0
+    assert figures["duplicates"] == 0 and figures["failed"] == 0
+    assert sent_exactly_once(sink, to)
+
+
+def queued(name: str) -> int:
+    with app.connection_for_write() as conn:
+        declared: Any = Queue(name, channel=conn.default_channel).queue_declare()
+        return int(declared.message_count)
+
+
+def test_smtp_server_down_then_back(start_worker, settings):
+    sink, port = SMTPSink(), free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    env = {"EMAIL_PORT": str(port), "EMAIL_TIMEOUT": "2", **FAST_RETRIES}
+    start_worker([QUEUE], concurrency=2, env=env)  # warm: connected to the server
+    to = addresses(1000)
+    try:
+        controller.stop()
+        started = time.monotonic()
+        schedule(to)
+        retried = Dispatch.objects.filter(attempts__gte=2)
+        assert sweep_until(retried.exists, timeout=30), "no retry while the server was down"
+        down = time.monotonic() - started
+        assert len(sink.messages) == 0
+        controller = Controller(sink, hostname="127.0.0.1", port=port)
+        controller.start()
+        assert sweep_until(lambda: statuses()[Status.SENT] == len(to), timeout=60)
+    finally:
+        controller.stop()
+
+    figures = report("SMTP server down", sink, to, started)
+    attempts = Counter(Dispatch.objects.values_list("attempts", flat=True))
+    print(f"down {down:.1f}s; dispatches per attempt count: {dict(sorted(attempts.items()))}")
+    assert figures["delivered"] == len(to) and figures["lost"] == 0
+    assert figures["failed"] == 0 and figures["duplicates"] == 0
+    assert max(attempts) > 1
+    errors = DispatchError.objects.all()
+    assert errors.exists()
+    assert set(errors.values_list("exc_type", flat=True)) == {"TemporaryDeliveryError"}
+
+
+def test_permanent_rejection_fails_exactly_those_recipients(smtp_server, start_worker):
+    sink, port = smtp_server
+    to = addresses(500)
+    rejected = to[::10]
+    sink.reject.update(dict.fromkeys(rejected, "550 5.1.1 no such user"))
+    start_worker([QUEUE], concurrency=2, env={"EMAIL_PORT": str(port), **FAST_RETRIES})
+    started = time.monotonic()
+
+    schedule(to)
+    assert wait_until(lambda: all_final(len(to)), timeout=60)
+
+    figures = report("550 for some recipients", sink, to, started)
+    failed = Dispatch.objects.filter(status=Status.FAILED)
+    assert sorted(failed.values_list("address", flat=True)) == sorted(rejected)
+    assert set(failed.values_list("attempts", flat=True)) == {1}
+    assert sorted(DispatchError.objects.values_list("dispatch__address", flat=True)) == sorted(
+        rejected
+    )
+    assert all("550 5.1.1" in e for e in DispatchError.objects.values_list("error", flat=True))
+    assert sent_exactly_once(sink, sorted(set(to) - set(rejected)))
+    assert figures["lost"] == 0 and figures["duplicates"] == 0
+
+
+CLAIMED = re.compile(r"smtp batch of \d+ ids: (\d+) claimed")
+
+
+@pytest.mark.pg
+def test_same_ids_enqueued_three_times_are_sent_once(smtp_server, start_worker, monkeypatch):
+    sink, port = smtp_server
+    monkeypatch.setattr("dispatcher.toolbox.enqueue", lambda ids_by_messenger: None)
+    purge([QUEUE])
+    to = addresses(1000)
+    schedule(to)
+    ids = sorted(Dispatch.objects.values_list("pk", flat=True))
+    for start in range(0, len(ids), 100):  # the three copies of a batch side by side
+        for _ in range(3):
+            enqueue_dispatches("smtp", ids[start : start + 100])
+    assert queued(QUEUE) == 30
+    started = time.monotonic()
+
+    env = {"EMAIL_PORT": str(port)}
+    workers = [start_worker([QUEUE], concurrency=1, env=env, purge_first=False) for _ in "ab"]
+
+    def claims() -> list[list[int]]:
+        return [[int(n) for n in CLAIMED.findall(w.text())] for w in workers]
+
+    assert wait_until(lambda: sum(len(c) for c in claims()) == 30, timeout=60)
+    per_worker = claims()
+    print(
+        f"\nbatches run per worker: {[len(c) for c in per_worker]}, rows claimed: {[sum(c) for c in per_worker]}"
+    )
+    assert sum(map(sum, per_worker)) == len(to)  # 20 of the 30 copies found nothing to claim
+    assert all(per_worker), "one of the two workers did nothing"
+
+    figures = report(f"ids enqueued 3 times ({connection.vendor})", sink, to, started)
+    assert figures["delivered"] == len(to) and figures["duplicates"] == 0
+    assert sent_exactly_once(sink, to)
+    assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
+
+
+@contextmanager
+def database_locked() -> Iterator[None]:
+    """Holds the write lock of the dispatch table from another connection."""
+    if connection.vendor == "sqlite":
+        lite = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None, timeout=30)
+        lite.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            lite.execute("COMMIT")
+            lite.close()
+    elif connection.vendor == "postgresql":
+        import psycopg
+
+        s = connection.settings_dict
+        with psycopg.connect(
+            host=s["HOST"] or "127.0.0.1", port=s["PORT"] or 5432, user=s["USER"], dbname=s["NAME"]
+        ) as other:
+            # Blocks every write (and SELECT FOR UPDATE), lets plain reads through.
+            other.execute("LOCK TABLE sitemessage_dispatch IN EXCLUSIVE MODE")
+            yield
+    else:
+        pytest.skip(f"no way to lock a {connection.vendor} database here")
+
+
+def test_database_locked_during_delivery(smtp_server, start_worker):
+    sink, port = smtp_server
+    worker = start_worker([QUEUE], concurrency=2, env={"EMAIL_PORT": str(port), **FAST_RETRIES})
+    children = worker.children()
+    to = addresses(1000)
+    started = time.monotonic()
+
+    schedule(to)
+    assert wait_until(lambda: len(sink.messages) >= 200, timeout=60), "delivery did not start"
+    with database_locked():
+        sent_before, mails_before = statuses()[Status.SENT], len(sink.messages)
+        time.sleep(2)
+        sent_after, mails_after = statuses()[Status.SENT], len(sink.messages)
+    assert wait_until(lambda: statuses()[Status.SENT] == len(to), timeout=60)
+
+    figures = report("database locked for 2 s", sink, to, started)
+    print(
+        f"during the lock: {sent_after - sent_before} rows written, {mails_after - mails_before} e-mails sent"
+    )
+    assert sent_after == sent_before, "the lock did not hold the writers"
+    assert worker.proc.poll() is None and worker.children() == children
+    assert figures["delivered"] == len(to) and figures["lost"] == 0
+    assert figures["duplicates"] == 0 and figures["failed"] == 0
+    assert not DispatchError.objects.exists()
+
+
+def test_poison_message_fails_after_its_retry_limit_without_blocking_others(
+    smtp_server, start_worker
+):
+    sink, port = smtp_server
+    start_worker([QUEUE], concurrency=2, env={"EMAIL_PORT": str(port), **FAST_RETRIES})
+    to = addresses(50)
+    started = time.monotonic()
+
+    # One batch holds the dispatches of both messages.
+    schedule(to, [PoisonMessage(), EmailTextMessage("Healthy", "Still delivered.")])
+    poison = Dispatch.objects.filter(message__cls=PoisonMessage.alias)
+    healthy = Dispatch.objects.exclude(message__cls=PoisonMessage.alias)
+    assert wait_until(lambda: healthy.filter(status=Status.SENT).count() == len(to), timeout=30)
+    assert set(healthy.values_list("attempts", flat=True)) == {1}
+    assert sweep_until(lambda: all_final(2 * len(to)), timeout=60)
+    time.sleep(1)
+    after = sweep()
+
+    figures = report("poison message", sink, to, started)
+    limit = PoisonMessage.send_retry_limit
+    assert after["published"] == 0 and statuses()[Status.FAILED] == len(to)
+    assert set(poison.values_list("status", "attempts")) == {(Status.FAILED, limit)}
+    errors = DispatchError.objects.filter(dispatch__in=poison)
+    assert errors.count() == limit * len(to)
+    assert set(errors.values_list("exc_type", flat=True)) == {"PoisonRenderError"}
+    assert sent_exactly_once(sink, to)
+    assert {email["Subject"] for _, email in sink.messages} == {"Healthy"}
+    assert figures["delivered"] == len(to) and figures["duplicates"] == 0
