@@ -131,6 +131,19 @@ class MessengerBase:
             "send(self, message_cls, message_model, dispatch_models)"
         )
 
+    def send_each(
+        self, dispatch_models: list[Dispatch], deliver: Callable[[Dispatch], str]
+    ) -> None:
+        """Delivers dispatches one at a time: ``deliver(dispatch)`` returns the provider's id
+        for it or raises a DeliveryError, which marks that dispatch only."""
+        for dispatch in dispatch_models:
+            try:
+                provider_id = deliver(dispatch)
+            except DeliveryError as error:
+                self.mark_exception(dispatch, error)
+            else:
+                self.mark_sent(dispatch, provider_id=provider_id)
+
     def send_test_message(self, to: str, text: str) -> Any:
         """Sends ``text`` to ``to`` right now, in this process. Raises on failure."""
         self.before_send()

@@ -106,15 +106,9 @@ class TelegramMessenger(MessengerBase):
         message_model: Message,
         dispatch_models: list[Dispatch],
     ) -> None:
-        for dispatch in dispatch_models:
-            try:
-                message_id = self._send_message(
-                    dispatch.address, dispatch.message_cache, dispatch.pk
-                )
-            except DeliveryError as error:
-                self.mark_exception(dispatch, error)
-            else:
-                self.mark_sent(dispatch, provider_id=message_id)
+        self.send_each(
+            dispatch_models, lambda d: self._send_message(d.address, d.message_cache, d.pk)
+        )
 
     def _test_message(self, to: str, text: str) -> str:
         self.validate_address(to)

@@ -105,13 +105,7 @@ class TwitterMessenger(MessengerBase):
         message_model: Message,
         dispatch_models: list[Dispatch],
     ) -> None:
-        for dispatch in dispatch_models:
-            try:
-                tweet_id = self._post(dispatch.address, dispatch.message_cache, dispatch.pk)
-            except DeliveryError as error:
-                self.mark_exception(dispatch, error)
-            else:
-                self.mark_sent(dispatch, provider_id=tweet_id)
+        self.send_each(dispatch_models, lambda d: self._post(d.address, d.message_cache, d.pk))
 
     def _test_message(self, to: str, text: str) -> str:
         self.validate_address(to or "")
