@@ -6,10 +6,10 @@ PG_URL ?= postgres://postgres@127.0.0.1:5432/sitemessage
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672//
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint bench migrate clean
+.PHONY: help install run test test-fast test-faults lint bench migrate clean
 
 help: ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## Create .venv and install requirements.txt
 
@@ -41,6 +41,10 @@ test: install ## Lint, then all tests (SQLite+Redis; e2e again on PostgreSQL and
 
 test-fast: install ## Only the tests that need no worker process
 	$(BIN)/pytest -m "not e2e and not faults"
+
+test-faults: install ## Only the fault tests (killed workers, lost broker, servers down); also in `make test`
+	scripts/services.sh start redis postgres
+	status=0; $(BIN)/pytest -m faults -s || status=$$?; scripts/services.sh stop; exit $$status
 
 bench: install ## Benchmarks (print figures and ratios to their baselines)
 	scripts/services.sh start redis prosody
