@@ -33,6 +33,26 @@ Status = Dispatch.Status
 Deliver = Callable[[list[str]], dict[str, Dispatch]]
 
 
+def deliver_now(alias: str, addresses: list[str], *texts: str) -> list[Dispatch]:
+    """Schedules one plain-text message per text (default: one) to ``addresses`` and delivers
+    them in this process, as a worker would; returns the rows in the order they were created.
+    The caller keeps toolbox.enqueue from publishing."""
+    created = toolbox.schedule(
+        [PlainTextMessage(text) for text in texts or ("Hello",)],
+        toolbox.recipients(alias, addresses),
+    )
+    ids = [d.pk for _, dispatches in created for d in dispatches]
+    pipeline.deliver(alias, ids, owner="test")
+    return list(Dispatch.objects.filter(pk__in=ids).order_by("pk"))
+
+
+def errors_of(row: Dispatch) -> list[str]:
+    """The error log of one dispatch, oldest first."""
+    return list(
+        DispatchError.objects.filter(dispatch=row).order_by("pk").values_list("error", flat=True)
+    )
+
+
 @pytest.mark.django_db
 class MessengerContract:
     @pytest.fixture
@@ -46,11 +66,7 @@ class MessengerContract:
         alias = alias_of(messenger)
 
         def run(addresses: list[str]) -> dict[str, Dispatch]:
-            [(message, dispatches)] = toolbox.schedule(
-                PlainTextMessage("contract message"), toolbox.recipients(alias, addresses)
-            )
-            pipeline.deliver(alias, [d.pk for d in dispatches], owner="contract")
-            return {d.address: d for d in Dispatch.objects.filter(message=message)}
+            return {d.address: d for d in deliver_now(alias, addresses)}
 
         try:
             yield run

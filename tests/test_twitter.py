@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from dispatcher import pipeline, toolbox
-from dispatcher.messages import PlainTextMessage
-from dispatcher.models import Dispatch, DispatchError
+from dispatcher import toolbox
+from dispatcher.models import Dispatch
 from messengers.exceptions import (
     InvalidAddressError,
     PermanentDeliveryError,
@@ -26,7 +25,7 @@ from messengers.twitter import retry_after
 from sitemessage.messengers.twitter import TwitterMessenger
 from sitemessage.toolbox import recipients, schedule_messages
 from tests.conftest import free_port, wait_until
-from tests.contract import MessengerContract
+from tests.contract import MessengerContract, deliver_now, errors_of
 
 if TYPE_CHECKING:
     from tests.fake_apis import FakeX
@@ -73,18 +72,10 @@ def run(twitter_api: FakeX, registered, monkeypatch) -> Iterator[Run]:
         addresses: list[str], text: str = "Hello", messenger: TwitterMessenger | None = None
     ) -> dict[str, Dispatch]:
         register_messenger_objects(messenger or default)
-        [(message, dispatches)] = toolbox.schedule(
-            PlainTextMessage(text), toolbox.recipients("twitter", addresses)
-        )
-        pipeline.deliver("twitter", [d.pk for d in dispatches], owner="test")
-        return {d.address: d for d in Dispatch.objects.filter(message=message)}
+        return {d.address: d for d in deliver_now("twitter", addresses, text)}
 
     yield deliver
     default.after_send()
-
-
-def errors_of(row: Dispatch) -> list[str]:
-    return list(DispatchError.objects.filter(dispatch=row).values_list("error", flat=True))
 
 
 @pytest.mark.django_db

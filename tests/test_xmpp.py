@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from dispatcher import pipeline, toolbox
+from dispatcher import toolbox
 from dispatcher.messages import PlainTextMessage
 from dispatcher.models import Dispatch, DispatchError
 from dispatcher.sweep import sweep
@@ -20,6 +20,7 @@ from messengers.exceptions import InvalidAddressError, TemporaryDeliveryError
 from messengers.registry import register_messenger_objects
 from sitemessage.messengers.xmpp import XMPPSleekMessenger
 from sitemessage.toolbox import recipients, schedule_messages
+from tests import contract
 from tests.conftest import free_port, wait_until
 from tests.contract import MessengerContract
 from tests.xmpp_server import ACCOUNTS, DOMAIN, PASSWORD, SENDER, Prosody, Recipient
@@ -65,12 +66,7 @@ def messenger(prosody: Prosody) -> Iterator[XMPPSleekMessenger]:
 def deliver_now(messenger: XMPPSleekMessenger, texts: list[str], addresses: list[str]):
     """Schedules and delivers in this process as a worker would; returns the rows."""
     register_messenger_objects(messenger)
-    created = toolbox.schedule(
-        [PlainTextMessage(text) for text in texts], toolbox.recipients("xmppsleek", addresses)
-    )
-    ids = [d.pk for _, dispatches in created for d in dispatches]
-    pipeline.deliver("xmppsleek", ids, owner="test")
-    return list(Dispatch.objects.filter(pk__in=ids).order_by("pk"))
+    return contract.deliver_now("xmppsleek", addresses, *texts)
 
 
 class TestXMPPContract(MessengerContract):
