@@ -28,7 +28,7 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from messengers.base import Outcome, outcome_listener, unmarked, warm_up
+from messengers.base import Outcome, outcome_listener, record_outcome, unmarked, warm_up
 from messengers.registry import get_registered_messenger_object
 
 from .messages import MessageBase, get_registered_message_type
@@ -130,7 +130,7 @@ def _send_message(messenger: Any, dispatches: list[Dispatch], limiter: RateLimit
         if wait:  # no slot soon enough: give the rest back, without spending an attempt
             logger.info("%s: rate limit, %d dispatches deferred", messenger, len(ready) - index)
             for rest in ready[index:]:
-                _defer(rest, wait)
+                record_outcome(rest, Outcome("deferred", retry_after=wait))
             return
         _send(messenger, message_cls, message_model, [dispatch])
 
@@ -148,13 +148,6 @@ def _send(
         )
         for dispatch in unmarked(dispatches):
             messenger.mark_exception(dispatch, exc)
-
-
-def _defer(dispatch: Dispatch, seconds: float) -> None:
-    dispatch.outcome = Outcome("deferred", retry_after=seconds)
-    listener = outcome_listener.get()
-    if listener is not None:
-        listener(dispatch)
 
 
 class Recorder:

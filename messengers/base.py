@@ -157,19 +157,19 @@ class MessengerBase:
 
     def mark_sent(self, dispatch: Dispatch, *, provider_id: str = "") -> None:
         """Records a delivered dispatch; ``provider_id`` is the provider's id for it."""
-        _mark(dispatch, Outcome("sent", provider_id=str(provider_id or "")))
+        record_outcome(dispatch, Outcome("sent", provider_id=str(provider_id or "")))
 
     def mark_error(
         self, dispatch: Dispatch, error: BaseException | str, message_cls: Any = None
     ) -> None:
         """Records a temporary failure: the dispatch is retried later."""
-        _mark(dispatch, Outcome("error", error, retry_after=_retry_after(error)))
+        record_outcome(dispatch, Outcome("error", error, retry_after=_retry_after(error)))
 
     def mark_failed(
         self, dispatch: Dispatch, error: BaseException | str, message_cls: Any = None
     ) -> None:
         """Records a permanent failure: the dispatch is not retried."""
-        _mark(dispatch, Outcome("failed", error))
+        record_outcome(dispatch, Outcome("failed", error))
 
     def mark_exception(self, dispatch: Dispatch, error: BaseException) -> None:
         """Records an exception as temporary or permanent, by its class."""
@@ -197,7 +197,8 @@ def _retry_after(error: object) -> float | None:
     return getattr(error, "retry_after", None)
 
 
-def _mark(dispatch: Any, outcome: Outcome) -> None:
+def record_outcome(dispatch: Any, outcome: Outcome) -> None:
+    """Sets a dispatch's outcome and hands it to the pipeline's listener, if one listens."""
     dispatch.outcome = outcome
     listener = outcome_listener.get()
     if listener is not None:
