@@ -76,14 +76,14 @@ def cool_messengers() -> None:
             logger.exception("messenger %s failed to cool down", messenger)
 
 
-def _is_solo(consumer: Any) -> bool:
-    return type(getattr(consumer, "pool", None)).__module__ == "celery.concurrency.solo"
+def _is_solo(pool_cls: type) -> bool:
+    return pool_cls.__module__ == "celery.concurrency.solo"
 
 
 @signals.worker_init.connect
 def _solo_without_event_loop(sender: Any = None, **_: Any) -> None:
     # Sent after WorkController decided on the event loop and before it builds its bootsteps.
-    if get_implementation(sender.pool_cls).__module__ == "celery.concurrency.solo":
+    if _is_solo(get_implementation(sender.pool_cls)):
         sender.use_eventloop = False
 
 
@@ -101,7 +101,7 @@ def _on_process_shutdown(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    if _is_solo(sender):
+    if _is_solo(type(getattr(sender, "pool", None))):
         warm_messengers(consumed_messengers(sender.app))
 
 
