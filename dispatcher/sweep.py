@@ -15,7 +15,7 @@ id twice is harmless because delivery claims rows atomically.
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.db import transaction
 from django.db.models import Q
@@ -23,14 +23,9 @@ from django.utils import timezone
 
 from .models import Dispatch, DispatchError
 from .pipeline import retry_limit
-from .toolbox import enqueue, setting
+from .toolbox import enqueue, republish_after, setting
 
 Status = Dispatch.Status
-
-
-def republish_at() -> timedelta:
-    """How long a published dispatch may wait in its queue before the sweep publishes it again."""
-    return timedelta(seconds=setting("REPUBLISH_AFTER", 300))
 
 
 def sweep(priority: int | None = None) -> dict[str, int]:
@@ -48,7 +43,7 @@ def sweep(priority: int | None = None) -> dict[str, int]:
     )
     Dispatch.objects.filter(
         pk__in=[pk for pk, _ in rows], status__in=[Status.PENDING, Status.ERROR]
-    ).update(status=Status.PENDING, next_attempt_at=now + republish_at())
+    ).update(status=Status.PENDING, next_attempt_at=now + republish_after())
     ids_by_messenger: dict[str, list[int]] = defaultdict(list)
     for pk, messenger in rows:
         ids_by_messenger[messenger].append(pk)

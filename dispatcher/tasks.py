@@ -82,12 +82,7 @@ def encode_schedule_call(
     messages: Any, recipients: Any = None, sender: Any = None, priority: int | None = None
 ) -> dict[str, Any]:
     """Validates and flattens a schedule_messages() call; raises before anything is published."""
-    message_objs = toolbox.as_messages(messages)
-    recipient_list = toolbox.checked_recipients(recipients)
-    if sender is not None:
-        toolbox.check_user(sender, "sender")
-    for message in message_objs:
-        toolbox.checked_context(message)
+    message_objs, recipient_list, _ = toolbox.checked_call(messages, recipients, sender, priority)
     return {
         "messages": [m.to_wire() for m in message_objs],
         "recipients": [r.to_wire() for r in recipient_list],

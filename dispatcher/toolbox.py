@@ -80,24 +80,12 @@ def schedule(
     """Stores messages and one dispatch per recipient, then (after commit) enqueues one
     delivery task per messenger batch. Returns the (message, dispatches) pairs; an empty
     recipient list stores nothing. Duplicate (messenger, address) pairs are sent once."""
-    message_objs = as_messages(messages)
-    recipient_list = checked_recipients(recipients)
-    if sender is not None:
-        check_user(sender, "sender")
-    if priority is not None and not (
-        isinstance(priority, int)
-        and not isinstance(priority, bool)
-        and 0 <= priority <= MAX_PRIORITY
-    ):
-        raise ScheduleError(
-            f"priority must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}"
-        )
-    contexts = [checked_context(message) for message in message_objs]
+    message_objs, recipient_list, contexts = checked_call(messages, recipients, sender, priority)
     if not recipient_list:
         return []
 
     created = []
-    republish_at = timezone.now() + timedelta(seconds=setting("REPUBLISH_AFTER", 300))
+    next_attempt_at = timezone.now() + republish_after()
     ids_by_messenger: dict[str, list[int]] = defaultdict(list)
     with transaction.atomic():
         for message, context in zip(message_objs, contexts, strict=True):
@@ -114,7 +102,7 @@ def schedule(
                         messenger=r.messenger,
                         recipient=r.user,
                         address=r.address,
-                        next_attempt_at=republish_at,
+                        next_attempt_at=next_attempt_at,
                     )
                     for r in recipient_list
                 ],
@@ -125,6 +113,26 @@ def schedule(
             created.append((message_model, dispatches))
         transaction.on_commit(lambda: enqueue(ids_by_messenger))
     return created
+
+
+def checked_call(
+    messages: Any, recipients: Iterable[Recipient] | None, sender: Any, priority: Any
+) -> tuple[list[MessageBase], list[Recipient], list[dict[str, Any]]]:
+    """Validates a schedule_messages() call, for schedule() and for .delay() before it publishes;
+    returns the messages, the deduplicated recipients and the messages' JSON contexts."""
+    message_objs = as_messages(messages)
+    recipient_list = checked_recipients(recipients)
+    if sender is not None:
+        check_user(sender, "sender")
+    if priority is not None and not (
+        isinstance(priority, int)
+        and not isinstance(priority, bool)
+        and 0 <= priority <= MAX_PRIORITY
+    ):
+        raise ScheduleError(
+            f"priority must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}"
+        )
+    return message_objs, recipient_list, [checked_context(m) for m in message_objs]
 
 
 def enqueue(ids_by_messenger: dict[str, list[int]]) -> list[int]:
@@ -155,6 +163,11 @@ def send_test_message(messenger: str, to: str | None = None) -> Any:
 
 def setting(name: str, default: Any) -> Any:
     return getattr(settings, f"SITEMESSAGE_{name}", default)
+
+
+def republish_after() -> timedelta:
+    """How long a published dispatch may wait in its queue before the sweep publishes it again."""
+    return timedelta(seconds=setting("REPUBLISH_AFTER", 300))
 
 
 def batch_size() -> int:

@@ -185,6 +185,12 @@ def test_delay_refuses_bad_input_in_the_caller():
         )
 
 
+@pytest.mark.parametrize("priority", [-1, 40000, "high"])
+def test_delay_refuses_a_bad_priority_before_publishing(priority):
+    with pytest.raises(ScheduleError, match="priority"):
+        encode_schedule_call("x", recipients("smtp", "a@example.com"), priority=priority)
+
+
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_schedule_messages_delay_with_a_message_object_a_user_and_an_address(

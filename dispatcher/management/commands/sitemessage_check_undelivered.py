@@ -24,8 +24,7 @@ from django.utils import timezone
 from dispatcher.messages import EmailTextMessage
 from dispatcher.models import Dispatch, DispatchError, Message
 from dispatcher.pipeline import deliver
-from dispatcher.sweep import republish_at
-from dispatcher.toolbox import MAX_PRIORITY, checked_context, recipients
+from dispatcher.toolbox import MAX_PRIORITY, checked_context, recipients, republish_after
 from messengers.base import cool_down
 from messengers.exceptions import SitemessageError
 from messengers.registry import get_registered_messenger_object
@@ -133,7 +132,7 @@ def send_report(to: list[str], subject: str, text: str) -> None:
                     message=message_model,
                     messenger=r.messenger,
                     address=r.address,
-                    next_attempt_at=timezone.now() + republish_at(),
+                    next_attempt_at=timezone.now() + republish_after(),
                 )
                 for r in recipient_list
             )
