@@ -146,11 +146,11 @@ class SMTPMessenger(MessengerBase):
             self._conn.sendmail(sender, [to], email.message().as_bytes(linesep="\r\n"))
         except smtplib.SMTPRecipientsRefused as exc:
             code, reply = exc.recipients.get(to, (451, b"recipient refused"))
-            raise _smtp_error(code, reply, dispatch_id) from exc
+            raise _smtp_error(code, reply, self.alias, dispatch_id) from exc
         except smtplib.SMTPResponseException as exc:
             if exc.smtp_code == 421:  # the server is closing the channel
                 self._drop()
-            raise _smtp_error(exc.smtp_code, exc.smtp_error, dispatch_id) from exc
+            raise _smtp_error(exc.smtp_code, exc.smtp_error, self.alias, dispatch_id) from exc
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()
             raise TemporaryDeliveryError(
@@ -212,7 +212,9 @@ class SMTPMessenger(MessengerBase):
             conn.close()
 
 
-def _smtp_error(code: int, reply: bytes | str, dispatch_id: int | None) -> Exception:
+def _smtp_error(
+    code: int, reply: bytes | str, alias: str | None, dispatch_id: int | None
+) -> Exception:
     text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
     cls = PermanentDeliveryError if 500 <= code < 600 else TemporaryDeliveryError
-    return cls(f"SMTP {code} {text}", alias="smtp", dispatch_id=dispatch_id, response=code)
+    return cls(f"SMTP {code} {text}", alias=alias, dispatch_id=dispatch_id, response=code)

@@ -199,3 +199,13 @@ def test_reply_codes_decide_temporary_or_permanent(smtp):
         messenger._test_message("later@example.com", "x")
     messenger._test_message("fine@example.com", "x")  # the connection survived both
     assert sink.recipients() == ["fine@example.com"] and sink.sessions == 1
+
+
+def test_a_refusal_names_the_messenger_under_its_own_alias(smtp):
+    sink, messenger, _ = smtp
+    messenger.alias = "newsletter"  # a second SMTP messenger configured in settings
+    sink.reject["gone@example.com"] = "550 5.1.1 no such user"
+    messenger.before_send()
+    with pytest.raises(PermanentDeliveryError, match="newsletter") as refused:
+        messenger._test_message("gone@example.com", "x")
+    assert refused.value.alias == "newsletter"
