@@ -22,10 +22,11 @@ $(VENV)/.installed: requirements.txt
 run: install ## Start Redis if needed, migrate, then workers, beat, Flower, admin, SMTP sink
 	scripts/run.sh
 
-lint: install ## ruff and mypy
+lint: install ## ruff, mypy, and the import layering (import-linter; contracts in pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports --no-cache
 
 # The whole suite on SQLite + Redis, then the end-to-end tests again on PostgreSQL, and the
 # end-to-end and fault tests on RabbitMQ. Services this target started are stopped at the end.

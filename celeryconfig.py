@@ -8,7 +8,8 @@ lease can expire, and the broker never redelivers a task that is still running.
 
 import os
 
-from workers.queues import DEFAULT_QUEUE
+from dispatcher import conf
+from workers.queues import DEFAULT_QUEUE, SWEEP
 
 # Redis by default; RabbitMQ works as well (amqp://guest:guest@127.0.0.1:5672//).
 broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -45,8 +46,8 @@ task_send_sent_event = True
 # Beat: one sweep for due retries, lost publishes and expired leases (idempotent).
 beat_schedule = {
     "sitemessage-sweep": {
-        "task": "dispatcher.sweep",
-        "schedule": float(os.environ.get("SITEMESSAGE_SWEEP_INTERVAL", "30")),
+        "task": SWEEP,
+        "schedule": conf.SWEEP_INTERVAL.get(),  # a Django setting, read when beat starts
         "options": {"queue": DEFAULT_QUEUE, "expires": 60},
     },
 }

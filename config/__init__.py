@@ -1,6 +1,6 @@
 """The Django project. Importing it loads the Celery app, so the producer side publishes to the
 configured broker."""
 
-from workers import app as celery_app
+from workers.app import app as celery_app
 
 __all__ = ["celery_app"]

@@ -3,12 +3,13 @@
 Every deployment value comes from the environment; see README "Configuration".
 """
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import dj_database_url
+
+from dispatcher.conf import from_environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SITEMESSAGE_VAR_DIR", BASE_DIR / "var"))
@@ -18,9 +19,9 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or (
     "insecure-dev-key-set-DJANGO_SECRET_KEY" if DEBUG else ""
 )
 if not SECRET_KEY:
-    from django.core.exceptions import ImproperlyConfigured
-
-    raise ImproperlyConfigured("set DJANGO_SECRET_KEY (or DJANGO_DEBUG=1 for development)")
+    # Not ImproperlyConfigured: manage.py swallows that one from a settings module and runs
+    # the command without settings ("check" then reports no issues).
+    raise RuntimeError("set DJANGO_SECRET_KEY (or DJANGO_DEBUG=1 for development)")
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
 
 INSTALLED_APPS = [
@@ -93,10 +94,11 @@ EMAIL_TIMEOUT = float(os.environ.get("EMAIL_TIMEOUT", "10"))
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "sitemessage@localhost")
 
 # Messengers of this deployment, one dict per alias (apps can register more in sitemessages.py).
-# The environment can replace it with JSON, e.g.
+SITEMESSAGE_MESSENGERS: dict[str, Any] = {"smtp": {}}
+# Every SITEMESSAGE_* setting (README, "Configuration") can be set from the environment:
+# numbers as numbers, SITEMESSAGE_MESSENGERS as JSON, e.g.
 # SITEMESSAGE_MESSENGERS='{"smtp": {}, "telegram": {"options": {"auth_token": "..."}}}'.
-SITEMESSAGE_MESSENGERS = json.loads(os.environ.get("SITEMESSAGE_MESSENGERS") or '{"smtp": {}}')
-SITEMESSAGE_BATCH_SIZE = int(os.environ.get("SITEMESSAGE_BATCH_SIZE", "100"))
+globals().update(from_environment(os.environ))
 
 LOGGING = {
     "version": 1,

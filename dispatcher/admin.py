@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from . import toolbox
 from .models import Dispatch, DispatchError, Message
+from .toolbox import publish_dispatches
 
 Status = Dispatch.Status
 
@@ -78,10 +76,7 @@ class DispatchAdmin(admin.ModelAdmin):
         note = (
             f"; {skipped} skipped (only failed or error dispatches are retried)" if skipped else ""
         )
-        ids_by_messenger: dict[str, list[int]] = defaultdict(list)
-        for pk, messenger in rows:
-            ids_by_messenger[messenger].append(pk)
-        unpublished = toolbox.enqueue(ids_by_messenger)
+        unpublished = publish_dispatches(rows)
         if unpublished:
             self.message_user(
                 request,

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.core import checks
 
 
 class DispatcherConfig(AppConfig):
@@ -8,14 +9,16 @@ class DispatcherConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django.conf import settings
         from django.utils.module_loading import autodiscover_modules
 
         from messengers.registry import register_from_settings
 
-        from . import messages
+        from . import conf, messages
 
+        # A bad setting stops every process at startup (manage.py, workers, beat), naming it.
+        conf.validate()
+        checks.register(conf.unknown_settings)
         messages.register_builtin_message_types()
-        register_from_settings(getattr(settings, "SITEMESSAGE_MESSENGERS", {}))
+        register_from_settings(conf.MESSENGERS.get())
         # Apps register their own messengers and message types in sitemessages.py.
         autodiscover_modules("sitemessages")

@@ -145,5 +145,13 @@ def get_registered_message_type(alias: str) -> type[MessageBase]:
         raise UnknownMessageTypeError(alias, list(_message_types)) from None
 
 
+def retry_limit(message_type: str) -> int:
+    """Attempts a dispatch of this message type gets (the default for an unknown type)."""
+    try:
+        return get_registered_message_type(message_type).send_retry_limit
+    except LookupError:
+        return MessageBase.send_retry_limit
+
+
 def register_builtin_message_types() -> None:
     register_message_types(PlainTextMessage, EmailTextMessage, EmailHtmlMessage)

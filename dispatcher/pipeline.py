@@ -15,7 +15,9 @@ the limiter all its workers share.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,12 +31,13 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from messengers.base import Outcome, outcome_listener, record_outcome, unmarked, warm_up
+from messengers.exceptions import UnknownMessengerError
 from messengers.registry import get_registered_messenger_object
 
-from .messages import MessageBase, get_registered_message_type
+from . import conf
+from .messages import MessageBase, get_registered_message_type, retry_limit
 from .models import Dispatch, DispatchError
 from .ratelimit import RateLimiter
-from .toolbox import setting
 
 logger = logging.getLogger(__name__)
 Status = Dispatch.Status
@@ -49,9 +52,14 @@ class BatchResult:
     failed: int = 0
 
 
+def lease_owner(run: str | None) -> str:
+    """The lease owner of one delivery run in this process: host, pid and the run's name (the
+    Celery task id), so an operator can tell which worker holds a dispatch."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{run or 'local'}"[:100]
+
+
 def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
     """Delivers the given dispatches of one messenger; returns what happened to them."""
-    messenger = get_registered_messenger_object(alias)
     dispatches = with_db_retry(lambda: claim(alias, dispatch_ids, owner))
     recorder = Recorder(owner)
     recorder.result.claimed = len(dispatches)
@@ -60,13 +68,23 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
     token = outcome_listener.set(recorder.add)
     try:
         try:
+            messenger = get_registered_messenger_object(alias)
+        except UnknownMessengerError as exc:
+            # A worker configured without the messenger of a queue it consumes: retrying in
+            # the same worker cannot help, so the dispatches fail where an operator sees them.
+            error = UnknownMessengerError(alias, exc.registered, f"worker {owner}")
+            logger.error("%s; %d dispatches failed", error, len(dispatches))
+            for dispatch in dispatches:
+                record_outcome(dispatch, Outcome("failed", error))
+            return recorder.result
+        try:
             warm_up(messenger)
         except Exception as exc:
             logger.warning("messenger %s could not start: %s", alias, exc)
             for dispatch in dispatches:
                 messenger.mark_exception(dispatch, exc)
         else:
-            limiter = RateLimiter.of(messenger, max_wait=setting("RATE_LIMIT_MAX_WAIT", 60))
+            limiter = RateLimiter.of(messenger, max_wait=conf.RATE_LIMIT_MAX_WAIT.get())
             for _, group in groupby(dispatches, key=lambda d: d.message_id):
                 _send_message(messenger, list(group), limiter)
         for dispatch in unmarked(dispatches):
@@ -88,7 +106,7 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
     taken = claimable.update(
         status=Status.PROCESSING,
         lease_owner=owner,
-        lease_expires_at=now + timedelta(seconds=setting("LEASE_SECONDS", 600)),
+        lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
         attempts=F("attempts") + 1,
     )
     logger.debug("%s: claimed %d of %d dispatches", alias, taken, len(dispatch_ids))
@@ -158,7 +176,7 @@ class Recorder:
         self.owner = owner
         self.pending: list[Dispatch] = []
         self.result = BatchResult()
-        self.chunk = int(setting("OUTCOME_CHUNK", 20))
+        self.chunk = conf.OUTCOME_CHUNK.get()
 
     def add(self, dispatch: Dispatch) -> None:
         if dispatch.outcome.status == "sent":
@@ -222,7 +240,7 @@ class Recorder:
 def with_db_retry(operation: Callable[[], T]) -> T:
     """Runs a database operation, retrying it while the database is unreachable or locked, for
     up to SITEMESSAGE_DB_RETRY_SECONDS (the task's time limit still applies)."""
-    deadline = time.monotonic() + float(setting("DB_RETRY_SECONDS", 60))
+    deadline = time.monotonic() + conf.DB_RETRY_SECONDS.get()
     delay = 0.1
     while True:
         try:
@@ -281,17 +299,10 @@ def apply_outcome(dispatch: Dispatch, outcome: Outcome, now: datetime) -> Dispat
     )
 
 
-def retry_limit(message_type: str) -> int:
-    try:
-        return get_registered_message_type(message_type).send_retry_limit
-    except LookupError:
-        return MessageBase.send_retry_limit
-
-
 def backoff(attempts: int) -> float:
     """Seconds before the next attempt: exponential in the attempts made, capped, with jitter
     (between half and all of it) so a burst of failures does not come back as one burst."""
-    base = float(setting("RETRY_BACKOFF", 30))
-    cap = float(setting("RETRY_BACKOFF_MAX", 3600))
+    base = conf.RETRY_BACKOFF.get()
+    cap = conf.RETRY_BACKOFF_MAX.get()
     delay = min(cap, base * 2 ** max(attempts - 1, 0))
     return delay / 2 + random.uniform(0, delay / 2)

@@ -16,11 +16,11 @@ import time
 from typing import Any
 
 import redis
-from django.conf import settings
 
 from messengers.base import MessengerBase, alias_of, seconds_per_send
+from workers import broker
 
-from .toolbox import setting
+from . import conf
 
 # KEYS[1]: the messenger's schedule; ARGV[1]: microseconds between two sends.
 # Returns 0 when a slot was taken, else the microseconds until the next free slot.
@@ -39,11 +39,17 @@ return 0
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
 
+#: Where the slots live when no Redis URL is configured and the broker is not Redis.
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
 def redis_url() -> str:
     """SITEMESSAGE_RATE_LIMIT_REDIS_URL, else the broker when it is Redis, else local Redis."""
-    broker = str(getattr(settings, "CELERY_BROKER_URL", "") or "")
-    default = broker if broker.startswith(("redis://", "rediss://")) else "redis://127.0.0.1:6379/0"
-    return str(setting("RATE_LIMIT_REDIS_URL", default))
+    configured = conf.RATE_LIMIT_REDIS_URL.get()
+    if configured:
+        return configured
+    url = broker.broker_url()
+    return url if url.startswith(conf.REDIS_SCHEMES) else LOCAL_REDIS
 
 
 def _client(url: str) -> redis.Redis:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import conf
 from .messages import EmailHtmlMessage, EmailTextMessage, get_registered_message_type
-from .tasks import schedule_messages
-from .toolbox import recipients, setting
+from .toolbox import recipients, schedule_messages
 
 
 def schedule_email(
@@ -21,14 +21,14 @@ def schedule_email(
 ) -> Any:
     """E-mails ``message`` (a text, or a dict of context for the HTML template) to addresses
     or users ``to``, through SITEMESSAGE_SHORTCUT_EMAIL_MESSENGER_TYPE (default 'smtp')."""
-    type_alias = setting("SHORTCUT_EMAIL_MESSAGE_TYPE", None)
+    type_alias = conf.SHORTCUT_EMAIL_MESSAGE_TYPE.get()
     if type_alias:
         message_cls: Any = get_registered_message_type(type_alias)
     else:
         message_cls = EmailHtmlMessage if isinstance(message, dict) else EmailTextMessage
     return schedule_messages(
         message_cls(subject or "", message),
-        recipients(setting("SHORTCUT_EMAIL_MESSENGER_TYPE", "smtp"), to),
+        recipients(conf.SHORTCUT_EMAIL_MESSENGER_TYPE.get(), to),
         sender=sender,
         priority=priority,
     )

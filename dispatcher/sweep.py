@@ -14,16 +14,16 @@ id twice is harmless because delivery claims rows atomically.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
 
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from . import conf
+from .messages import retry_limit
 from .models import Dispatch, DispatchError
-from .pipeline import retry_limit
-from .toolbox import enqueue, republish_after, setting
+from .toolbox import publish_dispatches, republish_after
 
 Status = Dispatch.Status
 
@@ -38,16 +38,13 @@ def sweep(priority: int | None = None) -> dict[str, int]:
         due = due.filter(message__priority=priority)
     rows = list(
         due.order_by("-message__priority", "pk").values_list("pk", "messenger")[
-            : setting("SWEEP_LIMIT", 10000)
+            : conf.SWEEP_LIMIT.get()
         ]
     )
     Dispatch.objects.filter(
         pk__in=[pk for pk, _ in rows], status__in=[Status.PENDING, Status.ERROR]
     ).update(status=Status.PENDING, next_attempt_at=now + republish_after())
-    ids_by_messenger: dict[str, list[int]] = defaultdict(list)
-    for pk, messenger in rows:
-        ids_by_messenger[messenger].append(pk)
-    unpublished = enqueue(ids_by_messenger)
+    unpublished = publish_dispatches(rows)
     if unpublished:  # the broker is down: due again at the next sweep, not after REPUBLISH_AFTER
         Dispatch.objects.filter(pk__in=unpublished, status=Status.PENDING).update(
             next_attempt_at=now

@@ -1,21 +1,22 @@
-"""The producer API: recipients(), schedule() (the body of the schedule_messages task) and
-send_test_message().
+"""The producer API: ``schedule_messages()`` (and its ``.delay()``), ``recipients()``,
+``send_test_message()``.
 
 Everything is validated before anything is written: a call either stores the messages and all
-their dispatches, or raises a ScheduleError and leaves no row behind.
+their dispatches, or raises a ScheduleError and leaves no row behind. Delivery tasks are
+published after commit through ``workers.broker``; ``.delay()`` publishes the call itself, as
+plain data, for ``dispatcher.tasks.schedule_messages`` to run in a worker.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import update_wrapper
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import models, transaction
 from django.utils import timezone
@@ -23,11 +24,11 @@ from django.utils import timezone
 from messengers.base import MessengerBase, alias_of
 from messengers.exceptions import InvalidAddressError, InvalidContextError, ScheduleError
 from messengers.registry import get_registered_messenger_object
+from workers import broker
 
+from . import conf
 from .messages import MessageBase, PlainTextMessage, get_registered_message_type
 from .models import Dispatch, Message
-
-logger = logging.getLogger(__name__)
 
 #: Highest priority a Message row can store.
 MAX_PRIORITY = 32767
@@ -76,15 +77,19 @@ def schedule(
     recipients: Iterable[Recipient] | None = None,
     sender: Any = None,
     priority: int | None = None,
+    *,
+    publish: bool = True,
 ) -> list[tuple[Message, list[Dispatch]]]:
     """Stores messages and one dispatch per recipient, then (after commit) enqueues one
-    delivery task per messenger batch. Returns the (message, dispatches) pairs; an empty
-    recipient list stores nothing. Duplicate (messenger, address) pairs are sent once."""
+    delivery task per messenger batch, unless ``publish`` is False (the caller delivers them
+    itself; the sweep publishes them if it does not). Returns the (message, dispatches) pairs;
+    an empty recipient list stores nothing. Duplicate (messenger, address) pairs are sent once."""
     message_objs, recipient_list, contexts = checked_call(messages, recipients, sender, priority)
     if not recipient_list:
         return []
 
     created = []
+    batch_size = conf.BATCH_SIZE.get()
     next_attempt_at = timezone.now() + republish_after()
     ids_by_messenger: dict[str, list[int]] = defaultdict(list)
     with transaction.atomic():
@@ -111,8 +116,67 @@ def schedule(
             for dispatch in dispatches:
                 ids_by_messenger[dispatch.messenger].append(dispatch.pk)
             created.append((message_model, dispatches))
-        transaction.on_commit(lambda: enqueue(ids_by_messenger))
+        if publish:
+            transaction.on_commit(lambda: broker.enqueue(ids_by_messenger, batch_size))
     return created
+
+
+class ScheduleMessages:
+    """``schedule_messages(messages, recipients, sender=None, priority=None)`` schedules in
+    this process and returns the (message, dispatches) pairs; ``.delay()`` (or
+    ``.apply_async(args, kwargs, **options)``) validates the call, publishes it as plain data
+    and returns the AsyncResult: a worker of the default queue schedules it."""
+
+    def __init__(self) -> None:
+        update_wrapper(self, schedule)
+
+    def __call__(
+        self,
+        messages: Any,
+        recipients: Iterable[Recipient] | None = None,
+        sender: Any = None,
+        priority: int | None = None,
+    ) -> list[tuple[Message, list[Dispatch]]]:
+        return schedule(messages, recipients, sender, priority)
+
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Any = (), kwargs: Any = None, **options: Any) -> Any:
+        return broker.publish_schedule_request(encode_call(*args, **(kwargs or {})), **options)
+
+
+schedule_messages = ScheduleMessages()
+
+
+def encode_call(
+    messages: Any, recipients: Any = None, sender: Any = None, priority: int | None = None
+) -> dict[str, Any]:
+    """Validates and flattens a schedule_messages() call; raises before anything is published."""
+    message_objs, recipient_list, _ = checked_call(messages, recipients, sender, priority)
+    return {
+        "messages": [m.to_wire() for m in message_objs],
+        "recipients": [r.to_wire() for r in recipient_list],
+        "sender": _user_pk(sender),
+        "priority": priority,
+    }
+
+
+def schedule_encoded(payload: dict[str, Any]) -> list[tuple[Message, list[Dispatch]]]:
+    """Runs a call that encode_call() flattened (in the worker that received it)."""
+    user_model = get_user_model()
+    pks = {r["user"] for r in payload["recipients"] if r["user"] is not None}
+    if payload["sender"] is not None:
+        pks.add(payload["sender"])
+    users = user_model._default_manager.in_bulk(list(pks))
+    missing = pks - set(users)
+    if missing:
+        raise ScheduleError(f"users no longer exist: {sorted(missing)}")
+    recipient_list = [
+        Recipient(r["messenger"], users.get(r["user"]), r["address"]) for r in payload["recipients"]
+    ]
+    messages = [MessageBase.from_wire(m) for m in payload["messages"]]
+    return schedule(messages, recipient_list, users.get(payload["sender"]), payload["priority"])
 
 
 def checked_call(
@@ -135,43 +199,24 @@ def checked_call(
     return message_objs, recipient_list, [checked_context(m) for m in message_objs]
 
 
-def enqueue(ids_by_messenger: dict[str, list[int]]) -> list[int]:
-    """Publishes delivery tasks; returns the ids it could not publish. A broker failure is
-    logged, not raised: the rows are stored and stay pending, and the sweep publishes them
-    again."""
-    from . import tasks
-
-    unpublished: list[int] = []
-    for alias, ids in ids_by_messenger.items():
-        try:
-            tasks.enqueue_dispatches(alias, ids)
-        except Exception:
-            logger.exception(
-                "could not publish %d %s dispatches; they stay pending for the sweep",
-                len(ids),
-                alias,
-            )
-            unpublished += ids
-    return unpublished
-
-
 def send_test_message(messenger: str, to: str | None = None) -> Any:
     """Sends a test message through a registered messenger, in this process; raises on failure."""
     messenger_obj = get_registered_messenger_object(messenger)
     return messenger_obj.send_test_message(to, "Test message from sitemessage.")  # type: ignore[arg-type]
 
 
-def setting(name: str, default: Any) -> Any:
-    return getattr(settings, f"SITEMESSAGE_{name}", default)
+def publish_dispatches(rows: Iterable[tuple[int, str]]) -> list[int]:
+    """Publishes stored (dispatch id, messenger alias) pairs again, in batches; returns the ids
+    it could not publish (the broker is down: they stay pending for the sweep)."""
+    ids_by_messenger: dict[str, list[int]] = defaultdict(list)
+    for pk, alias in rows:
+        ids_by_messenger[alias].append(pk)
+    return broker.enqueue(ids_by_messenger, conf.BATCH_SIZE.get())
 
 
 def republish_after() -> timedelta:
     """How long a published dispatch may wait in its queue before the sweep publishes it again."""
-    return timedelta(seconds=setting("REPUBLISH_AFTER", 300))
-
-
-def batch_size() -> int:
-    return int(setting("BATCH_SIZE", 100))
+    return timedelta(seconds=conf.REPUBLISH_AFTER.get())
 
 
 def as_messages(messages: Any) -> list[MessageBase]:

@@ -35,13 +35,14 @@ class ScheduleError(SitemessageError, ValueError):
 class UnknownMessengerError(ScheduleError, LookupError):
     """No messenger is registered under the alias."""
 
-    def __init__(self, alias: object, registered: list[str]) -> None:
+    def __init__(self, alias: object, registered: list[str], where: str = "") -> None:
         self.alias = alias
         self.registered = registered
         known = ", ".join(repr(a) for a in sorted(registered)) or "none"
         super().__init__(
-            f"messenger {alias!r} is not registered; registered messengers: {known}"
-            f"{_did_you_mean(alias, registered)}"
+            f"messenger {alias!r} is not registered{' in ' + where if where else ''}; "
+            f"registered messengers: {known}"
+            f"{did_you_mean(alias, registered)}"
         )
 
 
@@ -55,7 +56,7 @@ class UnknownMessageTypeError(ScheduleError, LookupError):
         super().__init__(
             f"message type {alias!r} is not registered (register it with "
             f"register_message_types() in a sitemessages.py module); registered types: {known}"
-            f"{_did_you_mean(alias, registered)}"
+            f"{did_you_mean(alias, registered)}"
         )
 
 
@@ -118,7 +119,7 @@ class MessengerConfigurationError(ImproperlyConfigured):
     """A messenger was configured with an unknown or invalid option."""
 
 
-def _did_you_mean(name: object, candidates: list[str]) -> str:
+def did_you_mean(name: object, candidates: list[str]) -> str:
     import difflib
 
     close = difflib.get_close_matches(str(name), candidates, n=1)

@@ -20,7 +20,7 @@ from typing import Any
 from django.utils.module_loading import import_string
 
 from .base import MessengerBase, alias_of, seconds_per_send
-from .exceptions import MessengerConfigurationError, UnknownMessengerError, _did_you_mean
+from .exceptions import MessengerConfigurationError, UnknownMessengerError, did_you_mean
 
 #: Classes of the builtin aliases, so settings can name them without a "class".
 BUILTIN_MESSENGERS = {
@@ -113,7 +113,7 @@ def check_options(alias: str, cls: type, options: dict[str, Any]) -> None:
         if name not in accepted:
             raise MessengerConfigurationError(
                 f"messenger {alias!r} ({cls.__name__}): unknown option {name!r}"
-                f"{_did_you_mean(name, accepted)}; accepted options: {', '.join(accepted) or 'none'}"
+                f"{did_you_mean(name, accepted)}; accepted options: {', '.join(accepted) or 'none'}"
             )
 
 

@@ -36,7 +36,7 @@ Deliver = Callable[[list[str]], dict[str, Dispatch]]
 def deliver_now(alias: str, addresses: list[str], *texts: str) -> list[Dispatch]:
     """Schedules one plain-text message per text (default: one) to ``addresses`` and delivers
     them in this process, as a worker would; returns the rows in the order they were created.
-    The caller keeps toolbox.enqueue from publishing."""
+    The caller keeps tasks from being published (the no_publish fixture)."""
     created = toolbox.schedule(
         [PlainTextMessage(text) for text in texts or ("Hello",)],
         toolbox.recipients(alias, addresses),
@@ -57,12 +57,11 @@ def errors_of(row: Dispatch) -> list[str]:
 class MessengerContract:
     @pytest.fixture
     def deliver(
-        self, messenger: MessengerBase, registered: None, monkeypatch: pytest.MonkeyPatch
+        self, messenger: MessengerBase, registries: None, no_publish: list
     ) -> Iterator[Deliver]:
         """Schedules a message to the given addresses and delivers it as a worker would;
         returns the dispatch rows by address."""
         register_messenger_objects(messenger)
-        monkeypatch.setattr(toolbox, "enqueue", lambda ids_by_messenger: None)
         alias = alias_of(messenger)
 
         def run(addresses: list[str]) -> dict[str, Dispatch]:

@@ -1,7 +1,8 @@
 """Settings of the test suite: the service's settings, plus test apps and test-friendly timings.
 
 DATABASE_URL picks the database (default: a SQLite file, shared with the worker processes the
-end-to-end tests start); CELERY_BROKER_URL the broker.
+end-to-end tests start); CELERY_BROKER_URL the broker. Tests hand timings (SITEMESSAGE_LEASE_SECONDS
+and the like) to worker processes through the environment, which config.settings reads.
 """
 
 import os
@@ -22,15 +23,3 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-# Timings that tests pass to worker processes through the environment (seconds or counts).
-for _name, _cast in [
-    ("LEASE_SECONDS", float),
-    ("RETRY_BACKOFF", float),
-    ("RETRY_BACKOFF_MAX", float),
-    ("REPUBLISH_AFTER", float),
-    ("OUTCOME_CHUNK", int),
-    ("BATCH_SIZE", int),
-]:
-    if f"SITEMESSAGE_{_name}" in os.environ:
-        globals()[f"SITEMESSAGE_{_name}"] = _cast(os.environ[f"SITEMESSAGE_{_name}"])

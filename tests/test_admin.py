@@ -12,9 +12,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from dispatcher.models import Dispatch
-from tests.conftest import free_port, purge, wait_until
 from tests.faultsapp.helpers import drain, make_dispatch, published_ids
-from workers import app
+from tests.support import free_port, purge, wait_until
+from workers.app import app
 
 Status = Dispatch.Status
 QUEUE = "messenger.smtp"

@@ -13,8 +13,9 @@ from kombu.exceptions import OperationalError
 
 from dispatcher.models import Dispatch, Message
 from dispatcher.toolbox import MAX_PRIORITY
-from tests.conftest import free_port, purge
 from tests.faultsapp.helpers import drain, make_dispatch, manage, published_ids
+from tests.support import free_port, purge
+from workers.app import app
 
 Status = Dispatch.Status
 QUEUE = "messenger.smtp"
@@ -114,12 +115,12 @@ def test_send_scheduled_with_the_broker_down_exits_1_and_changes_nothing(queue):
 def test_send_scheduled_fails_when_publishing_fails_after_the_broker_check(
     queue, monkeypatch, caplog
 ):
-    def broker_gone(alias, ids):
+    def broker_gone(*args, **kwargs):
         # The broker dying between the check and the publish cannot be timed with a real
         # one: the publish raises what kombu raises then.
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr("dispatcher.tasks.enqueue_dispatches", broker_gone)
+    monkeypatch.setattr(app, "send_task", broker_gone)
     row = make_dispatch(Status.ERROR, next_attempt_at=past())
 
     out, error = run("sitemessage_send_scheduled")

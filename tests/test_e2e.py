@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from dispatcher.models import Dispatch
+from dispatcher.models import Dispatch, DispatchError
+from messengers.registry import register_messenger_objects
 from sitemessage.messages.email import EmailTextMessage
 from sitemessage.toolbox import recipients, schedule_messages
-from tests.conftest import wait_until
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -44,3 +45,30 @@ def test_a_thousand_emails_arrive_exactly_once(smtp_server, start_worker):
         assert email.get_payload().replace("\r\n", "\n").strip() == "Numbers are up.\nSee you."
         assert email["Message-ID"] == rows[rcpt].provider_message_id
         assert email["Message-ID"].startswith(f"<sitemessage.{message.pk}.{rows[rcpt].pk}@")
+
+
+def test_a_queue_whose_messenger_the_worker_lacks_ends_failed_and_reported(
+    start_worker, registries
+):
+    from tests.faultsapp.helpers import manage
+    from tests.test_messengers import MyMessenger, Outbox
+
+    ghost = MyMessenger(Outbox())
+    ghost.alias = "ghost"
+    register_messenger_objects(ghost)  # here, not in the worker
+    worker = start_worker(["messenger.ghost"], concurrency=1)
+    assert wait_until(
+        lambda: "queue messenger.ghost has no registered messenger 'ghost'" in worker.text(), 15
+    )
+
+    schedule_messages("boo", recipients("ghost", ["a", "b"]))
+
+    rows = Dispatch.objects.filter(messenger="ghost")
+    assert wait_until(lambda: set(rows.values_list("status", flat=True)) == {"failed"}, 30)
+    errors = DispatchError.objects.filter(dispatch__messenger="ghost")
+    assert {e.exc_type for e in errors} == {"UnknownMessengerError"}
+    assert all("messenger 'ghost' is not registered in worker" in e.error for e in errors)
+    report = manage("sitemessage_check_undelivered")
+    assert report.returncode == 1
+    assert "ghost: 2 failed" in report.stdout
+    assert "UnknownMessengerError: messenger 'ghost' is not registered in worker" in report.stdout

@@ -21,19 +21,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from aiosmtpd.controller import Controller
 from django.db import connection
 from django.utils import timezone
 from kombu import Queue
 
+from dispatcher import toolbox
 from dispatcher.models import Dispatch, DispatchError
 from dispatcher.sweep import sweep
-from dispatcher.tasks import enqueue_dispatches
 from sitemessage.messages.email import EmailTextMessage
-from sitemessage.toolbox import recipients, schedule_messages
-from tests.conftest import SMTPSink, free_port, purge, wait_until
+from sitemessage.toolbox import recipients
 from tests.faultsapp.sitemessages import PoisonMessage
-from workers import app
+from tests.support import SMTPSink, purge, wait_until
+from workers import broker
+from workers.app import app
 
 pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
 
@@ -47,8 +47,12 @@ def addresses(count: int) -> list[str]:
     return [f"user{i}@example.com" for i in range(count)]
 
 
-def schedule(to: list[str], messages: object = None) -> None:
-    schedule_messages(messages or EmailTextMessage("Fault test", "Hello."), recipients("smtp", to))
+def schedule(to: list[str], messages: object = None, publish: bool = True) -> None:
+    toolbox.schedule(
+        messages or EmailTextMessage("Fault test", "Hello."),
+        recipients("smtp", to),
+        publish=publish,
+    )
 
 
 def statuses() -> Counter[str]:
@@ -178,26 +182,21 @@ def queued(name: str) -> int:
         return int(declared.message_count)
 
 
-def test_smtp_server_down_then_back(start_worker, settings):
-    sink, port = SMTPSink(), free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    env = {"EMAIL_PORT": str(port), "EMAIL_TIMEOUT": "2", **FAST_RETRIES}
+def test_smtp_server_down_then_back(start_worker, smtp_servers):
+    server = smtp_servers()
+    sink = server.sink
+    env = {"EMAIL_PORT": str(server.port), "EMAIL_TIMEOUT": "2", **FAST_RETRIES}
     start_worker([QUEUE], concurrency=2, env=env)  # warm: connected to the server
     to = addresses(1000)
-    try:
-        controller.stop()
-        started = time.monotonic()
-        schedule(to)
-        retried = Dispatch.objects.filter(attempts__gte=2)
-        assert sweep_until(retried.exists, timeout=30), "no retry while the server was down"
-        down = time.monotonic() - started
-        assert len(sink.messages) == 0
-        controller = Controller(sink, hostname="127.0.0.1", port=port)
-        controller.start()
-        assert sweep_until(lambda: statuses()[Status.SENT] == len(to), timeout=60)
-    finally:
-        controller.stop()
+    server.stop()
+    started = time.monotonic()
+    schedule(to)
+    retried = Dispatch.objects.filter(attempts__gte=2)
+    assert sweep_until(retried.exists, timeout=30), "no retry while the server was down"
+    down = time.monotonic() - started
+    assert len(sink.messages) == 0
+    server.start()
+    assert sweep_until(lambda: statuses()[Status.SENT] == len(to), timeout=60)
 
     figures = report("SMTP server down", sink, to, started)
     attempts = Counter(Dispatch.objects.values_list("attempts", flat=True))
@@ -237,16 +236,15 @@ CLAIMED = re.compile(r"smtp batch of \d+ ids: (\d+) claimed")
 
 
 @pytest.mark.pg
-def test_same_ids_enqueued_three_times_are_sent_once(smtp_server, start_worker, monkeypatch):
+def test_same_ids_enqueued_three_times_are_sent_once(smtp_server, start_worker):
     sink, port = smtp_server
-    monkeypatch.setattr("dispatcher.toolbox.enqueue", lambda ids_by_messenger: None)
     purge([QUEUE])
     to = addresses(1000)
-    schedule(to)
+    schedule(to, publish=False)
     ids = sorted(Dispatch.objects.values_list("pk", flat=True))
     for start in range(0, len(ids), 100):  # the three copies of a batch side by side
         for _ in range(3):
-            enqueue_dispatches("smtp", ids[start : start + 100])
+            broker.enqueue({"smtp": ids[start : start + 100]}, batch_size=100)
     assert queued(QUEUE) == 30
     started = time.monotonic()
 

@@ -8,7 +8,7 @@ import pytest
 
 from dispatcher.models import Dispatch
 from sitemessage.toolbox import recipients, schedule_messages
-from tests.conftest import wait_until
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -56,34 +56,35 @@ def test_before_send_once_per_process_for_many_batches_and_after_send_at_shutdow
         assert mine[0] == "before_send" and mine[-1] == "after_send"
 
 
-def test_a_worker_warms_only_the_messengers_of_its_queues(start_worker, tmp_path):
+def test_a_worker_warms_only_the_messengers_of_its_queues(start_worker, smtp_server, tmp_path):
+    sink, port = smtp_server
     log = tmp_path / "recorder.log"
-    worker = start_worker(["messenger.smtp"], concurrency=1, env={"RECORDER_LOG": str(log)})
+    worker = start_worker(
+        ["messenger.smtp"],
+        concurrency=1,
+        env={"RECORDER_LOG": str(log), "EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(port)},
+    )
+    # The warm-up ran (the smtp messenger connected) before we look at what it warmed.
+    assert wait_until(lambda: sink.sessions == 1, timeout=15)
     assert worker.stop() == 0
     assert events(log) == []
 
 
-def test_a_worker_starts_with_its_server_down_and_delivers_once_it_is_back(start_worker):
-    from aiosmtpd.controller import Controller
-
-    from tests.conftest import SMTPSink, free_port
-
-    port = free_port()  # nothing listens here yet
+def test_a_worker_starts_with_its_server_down_and_delivers_once_it_is_back(
+    start_worker, smtp_servers
+):
+    server = smtp_servers(start=False)  # nothing listens on its port yet
+    port = server.port
     worker = start_worker(
         ["messenger.smtp"], env={"EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(port)}
     )
     # Prefork children warm up on their own after the parent printed "ready.".
     assert wait_until(lambda: "did not warm up" in worker.text(), timeout=15)
     assert f"cannot connect to SMTP server 127.0.0.1:{port}" in worker.text()
-    sink = SMTPSink()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        addresses = [f"late{i}@example.com" for i in range(10)]
-        schedule_messages("back again", recipients("smtp", addresses))
-        sink.wait_for(10, timeout=30)
-        assert sorted(sink.recipients()) == sorted(addresses)
-        assert wait_until(lambda: Dispatch.objects.filter(status="sent").count() == 10, 10)
-        assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
-    finally:
-        controller.stop()
+    sink = server.start().sink
+    addresses = [f"late{i}@example.com" for i in range(10)]
+    schedule_messages("back again", recipients("smtp", addresses))
+    sink.wait_for(10, timeout=30)
+    assert sorted(sink.recipients()) == sorted(addresses)
+    assert wait_until(lambda: Dispatch.objects.filter(status="sent").count() == 10, 10)
+    assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}

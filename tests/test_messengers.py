@@ -4,27 +4,20 @@ and what is special to SMTP: connection reuse, reconnects, reply codes."""
 from __future__ import annotations
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from messengers.exceptions import PermanentDeliveryError, TemporaryDeliveryError
 from sitemessage.messengers.smtp import SMTPMessenger
 from sitemessage.utils import MessengerBase
-from tests.conftest import SMTPSink, free_port
 from tests.contract import MessengerContract
+from tests.support import SMTPSink
 
 
 class CountingSink(SMTPSink):
-    """Also counts SMTP sessions (connections) and NOOPs."""
+    """Also counts NOOPs (the liveness checks of a reused connection)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.sessions = 0
         self.noops = 0
-
-    async def handle_EHLO(self, server, session, envelope, hostname, responses):
-        self.sessions += 1
-        session.host_name = hostname
-        return responses
 
     async def handle_NOOP(self, server, session, envelope, arg):
         self.noops += 1
@@ -32,35 +25,21 @@ class CountingSink(SMTPSink):
 
 
 @pytest.fixture
-def smtp(settings):
+def smtp(settings, smtp_servers):
     """A restartable SMTP server on a fixed loopback port, and a messenger pointed at it."""
-    sink, port = CountingSink(), free_port()
-    server: dict[str, Controller | None] = {"controller": None}
-
-    def start() -> None:
-        controller = Controller(sink, hostname="127.0.0.1", port=port)
-        controller.start()
-        server["controller"] = controller
-
-    def stop() -> None:
-        controller, server["controller"] = server["controller"], None
-        if controller is not None:
-            controller.stop()
-
-    start()
+    server = smtp_servers(CountingSink())
     settings.DEFAULT_FROM_EMAIL = "noreply@example.com"
 
     def restart(up: bool = True) -> None:
-        stop()
+        server.stop()
         if up:
-            start()
+            server.start()
 
-    messenger = SMTPMessenger(host="127.0.0.1", port=port, use_tls=False, timeout=5)
+    messenger = SMTPMessenger(host="127.0.0.1", port=server.port, use_tls=False, timeout=5)
     try:
-        yield sink, messenger, restart
+        yield server.sink, messenger, restart
     finally:
         messenger.after_send()
-        stop()
 
 
 class TestSMTPContract(MessengerContract):

@@ -13,6 +13,7 @@ from django.utils import timezone
 from dispatcher import pipeline, sweep, toolbox
 from dispatcher.messages import PlainTextMessage, register_message_types
 from dispatcher.models import Dispatch, DispatchError
+from messengers import registry
 from messengers.exceptions import PermanentDeliveryError, TemporaryDeliveryError
 from messengers.registry import register_messenger_objects
 from sitemessage.utils import MessengerBase
@@ -49,18 +50,10 @@ class Scripted(MessengerBase):
 
 
 @pytest.fixture
-def scripted(registered, monkeypatch):
+def scripted(registries, no_publish):
     messenger = Scripted()
     register_messenger_objects(messenger)
-    published: list[tuple[str, list[int]]] = []
-
-    def enqueue(ids_by_messenger: dict[str, list[int]]) -> list[int]:
-        published.extend(sorted(ids_by_messenger.items()))
-        return []
-
-    for module in (toolbox, sweep):
-        monkeypatch.setattr(module, "enqueue", enqueue)
-    messenger.published = published  # type: ignore[attr-defined]
+    messenger.published = no_publish  # type: ignore[attr-defined]
     return messenger
 
 
@@ -201,7 +194,7 @@ def test_sweep_releases_expired_leases_and_republishes(scripted, settings):
     scripted.published.clear()
 
     assert sweep.sweep() == {"expired": 1, "failed": 1, "published": 2, "unpublished": 0}
-    assert scripted.published == [("scripted", [ids[0], ids[2]])]
+    assert scripted.published == [{"scripted": [ids[0], ids[2]]}]
     statuses = [r.status for r in rows(ids)]
     assert statuses == [Status.PENDING, Status.FAILED, Status.PENDING, Status.ERROR]
     assert set(DispatchError.objects.values_list("exc_type", flat=True)) == {"LeaseExpired"}
@@ -218,5 +211,24 @@ def test_sweep_by_priority(scripted):
     Dispatch.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
     scripted.published.clear()
     assert sweep.sweep(priority=5)["published"] == 1
-    assert scripted.published == [("scripted", [high[0].pk])]
-    assert (rows(low)[0].next_attempt_at or timezone.now()) < timezone.now()
+    assert scripted.published == [{"scripted": [high[0].pk]}]
+    # The low-priority row was not published, so it is still due.
+    due_at = rows(low)[0].next_attempt_at
+    assert due_at is not None and due_at < timezone.now()
+
+
+def test_a_messenger_not_registered_in_the_worker_fails_its_dispatches_naming_it(scripted):
+    ids = schedule(["a", "b"])
+    registry._registry.pop("scripted")  # the worker was started without it
+
+    result = pipeline.deliver("scripted", ids, owner="host:123:task-1")
+
+    assert (result.claimed, result.sent, result.failed) == (2, 0, 2)
+    assert [(r.status, r.attempts) for r in rows(ids)] == [(Status.FAILED, 1)] * 2
+    errors = DispatchError.objects.filter(dispatch_id__in=ids)
+    assert errors.count() == 2
+    assert {e.exc_type for e in errors} == {"UnknownMessengerError"}
+    for error in errors:
+        assert "messenger 'scripted' is not registered in worker host:123:task-1" in error.error
+        assert "'smtp'" in error.error  # what it does know
+    assert sweep.sweep()["published"] == 0  # nothing left for the sweep to publish forever

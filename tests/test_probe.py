@@ -10,7 +10,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from tests.conftest import ROOT, free_port
+from tests.support import ROOT, free_port
 
 
 def probe(*args: str, port: int) -> subprocess.CompletedProcess[str]:

@@ -10,15 +10,16 @@ import uuid
 
 import pytest
 
-from dispatcher import pipeline, toolbox
+from dispatcher import pipeline
 from dispatcher.models import Dispatch
-from dispatcher.ratelimit import RateLimiter
+from dispatcher.ratelimit import LOCAL_REDIS, RateLimiter, redis_url
 from messengers.base import seconds_per_send
 from messengers.exceptions import MessengerConfigurationError
 from messengers.registry import messenger_from_settings, register_messenger_objects
 from sitemessage.messages.plain import PlainTextMessage
 from sitemessage.toolbox import recipients, schedule_messages
-from tests.conftest import SMTPSink, wait_until
+from tests.faultsapp.helpers import manage
+from tests.support import SMTPSink, wait_until
 from tests.test_messengers import MyMessenger, Outbox
 
 
@@ -34,8 +35,37 @@ def test_rates_are_read_per_second_minute_or_hour(rate, seconds):
     assert seconds_per_send(rate) == pytest.approx(seconds)
 
 
+def test_the_slots_live_on_the_broker_given_in_the_environment():
+    # The README's promise, as a deployment sees it: only CELERY_BROKER_URL is set.
+    broker = "redis://broker.example:6379/0"
+    done = manage(
+        "shell", "-v", "0", "-c", "from dispatcher.ratelimit import redis_url; print(redis_url())",
+        env={"CELERY_BROKER_URL": broker},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == broker
+
+
+@pytest.mark.parametrize(
+    ("broker", "configured", "expected"),
+    [
+        ("redis://cache.internal:6380/3", None, "redis://cache.internal:6380/3"),
+        ("rediss://:pw@cache.internal:6380/3", None, "rediss://:pw@cache.internal:6380/3"),
+        ("amqp://guest:guest@127.0.0.1:5672//", None, LOCAL_REDIS),
+        ("amqp://guest:guest@127.0.0.1:5672//", "redis://limits:6379/2", "redis://limits:6379/2"),
+        ("redis://cache.internal:6380/3", "redis://limits:6379/2", "redis://limits:6379/2"),
+    ],
+)
+def test_the_slots_live_on_the_configured_redis(
+    broker, configured, expected, monkeypatch, settings
+):
+    monkeypatch.setenv("CELERY_BROKER_URL", broker)  # what Celery reads first
+    settings.SITEMESSAGE_RATE_LIMIT_REDIS_URL = configured
+    assert redis_url() == expected
+
+
 @pytest.mark.parametrize("rate", ["20", "20/d", "0/s", "-1/s", "fast", ""])
-def test_a_malformed_rate_is_refused_with_the_alias(rate, registered):
+def test_a_malformed_rate_is_refused_with_the_alias(rate, registries):
     with pytest.raises(MessengerConfigurationError, match=r"messenger 'smtp'.*not of the form"):
         messenger_from_settings("smtp", {"rate_limit": rate})
     messenger = MyMessenger(Outbox())
@@ -82,7 +112,7 @@ def test_no_slot_before_the_deadline_takes_none():
 
 @pytest.mark.django_db
 def test_dispatches_without_a_slot_are_deferred_without_spending_an_attempt(
-    registered, monkeypatch, settings
+    registries, no_publish, settings
 ):
     settings.SITEMESSAGE_RATE_LIMIT_MAX_WAIT = 1
     outbox = Outbox()
@@ -90,7 +120,6 @@ def test_dispatches_without_a_slot_are_deferred_without_spending_an_attempt(
     messenger.alias = f"limited{uuid.uuid4().hex[:6]}"
     messenger.rate_limit = "2/m"
     register_messenger_objects(messenger)
-    monkeypatch.setattr(toolbox, "enqueue", lambda ids_by_messenger: None)
     [(message, dispatches)] = schedule_messages(
         PlainTextMessage("hi"), recipients(messenger.alias, ["a", "b", "c"])
     )
@@ -101,7 +130,10 @@ def test_dispatches_without_a_slot_are_deferred_without_spending_an_attempt(
     deferred = [row for row in rows if row.status == Dispatch.Status.ERROR]
     assert [row.address for row in deferred] == ["b", "c"]
     assert {row.attempts for row in deferred} == {0}
-    assert all(row.next_attempt_at > message.time_created for row in deferred)
+    assert all(
+        row.next_attempt_at is not None and row.next_attempt_at > message.time_created
+        for row in deferred
+    )
     assert not deferred[0].errors.exists()
 
 
@@ -117,33 +149,25 @@ class TimedSink(SMTPSink):
 
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
-def test_two_worker_processes_hold_twenty_per_second(start_worker, settings):
-    from aiosmtpd.controller import Controller
-
-    from tests.conftest import free_port
-
-    sink, port = TimedSink(), free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        start_worker(
-            ["messenger.smtp"],
-            concurrency=2,
-            env={
-                "EMAIL_HOST": "127.0.0.1",
-                "EMAIL_PORT": str(port),
-                "SITEMESSAGE_MESSENGERS": json.dumps({"smtp": {"rate_limit": "20/s"}}),
-            },
-        )
-        settings.SITEMESSAGE_BATCH_SIZE = 20  # 10 tasks, so both processes send at once
-        addresses = [f"r{i}@example.com" for i in range(200)]
-        schedule_messages(PlainTextMessage("limited"), recipients("smtp", addresses))
-        sink.wait_for(200, timeout=40)
-        assert wait_until(
-            lambda: Dispatch.objects.filter(status=Dispatch.Status.SENT).count() == 200, 10
-        )
-    finally:
-        controller.stop()
+def test_two_worker_processes_hold_twenty_per_second(start_worker, smtp_servers, settings):
+    server = smtp_servers(TimedSink())
+    sink = server.sink
+    start_worker(
+        ["messenger.smtp"],
+        concurrency=2,
+        env={
+            "EMAIL_HOST": "127.0.0.1",
+            "EMAIL_PORT": str(server.port),
+            "SITEMESSAGE_MESSENGERS": json.dumps({"smtp": {"rate_limit": "20/s"}}),
+        },
+    )
+    settings.SITEMESSAGE_BATCH_SIZE = 20  # 10 tasks, so both processes send at once
+    addresses = [f"r{i}@example.com" for i in range(200)]
+    schedule_messages(PlainTextMessage("limited"), recipients("smtp", addresses))
+    sink.wait_for(200, timeout=40)
+    assert wait_until(
+        lambda: Dispatch.objects.filter(status=Dispatch.Status.SENT).count() == 200, 10
+    )
     elapsed = max(sink.times) - min(sink.times)
     busiest = max_in_window(sink.times)
     print(f"\n200 e-mails at 20/s over 2 processes: {elapsed:.2f}s, busiest second {busiest}")

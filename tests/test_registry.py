@@ -4,18 +4,24 @@ import pytest
 
 from dispatcher.messages import EmailHtmlMessage, PlainTextMessage, register_message_types
 from dispatcher.models import Dispatch, Message
-from messengers.exceptions import MessengerConfigurationError, UnknownMessengerError
+from messengers.exceptions import (
+    MessengerConfigurationError,
+    UnknownMessageTypeError,
+    UnknownMessengerError,
+)
 from messengers.registry import messenger_from_settings
 from sitemessage.messengers.smtp import SMTPMessenger
 from sitemessage.utils import (
     MessengerBase,
+    get_registered_message_type,
+    get_registered_message_types,
     get_registered_messenger_object,
     get_registered_messenger_objects,
     register_messenger_objects,
 )
 
 
-def test_register_and_look_up_by_alias_class_or_instance(registered):
+def test_register_and_look_up_by_alias_class_or_instance(registries):
     class Pager(MessengerBase):
         def send(self, message_cls, message_model, dispatch_models):
             pass
@@ -66,11 +72,15 @@ def test_smtp_options_left_none_follow_django_settings_lazily(settings):
     assert messenger._opt("use_tls") is False  # an explicit False wins over a True setting
 
 
-def test_message_types_register_under_their_alias():
+def test_message_types_register_under_their_alias(registries):
     class Digest(PlainTextMessage):
         alias = "digest"
 
+    with pytest.raises(UnknownMessageTypeError):
+        get_registered_message_type("digest")
     register_message_types(Digest)
+    assert get_registered_message_type("digest") is Digest
+    assert get_registered_message_types()["digest"] is Digest
     with pytest.raises(TypeError):
         register_message_types(Digest("x"))  # type: ignore[arg-type]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from django.contrib.auth import get_user_model
 
-from dispatcher import toolbox
 from dispatcher.models import Dispatch, Message
 from messengers.exceptions import InvalidAddressError
 from messengers.registry import register_messenger_objects
@@ -23,13 +22,12 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def messengers(registered, monkeypatch):
+def messengers(registries, no_publish, monkeypatch):
     register_messenger_objects(
         XMPPSleekMessenger("bot@example.com", "secret"),
         TwitterMessenger("key", "secret", "token", "token-secret"),
         TelegramMessenger("123:abc"),
     )
-    monkeypatch.setattr(toolbox, "enqueue", lambda ids_by_messenger: None)
 
 
 def stored() -> list[tuple[str, str, str]]:

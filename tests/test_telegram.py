@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import pytest
 from django.utils import timezone
 
-from dispatcher import toolbox
 from dispatcher.models import Dispatch
 from messengers.exceptions import (
     InvalidAddressError,
@@ -23,8 +22,8 @@ from messengers.exceptions import (
 from messengers.registry import register_messenger_objects
 from sitemessage.messengers.telegram import TelegramMessenger
 from sitemessage.toolbox import recipients, schedule_messages
-from tests.conftest import free_port, wait_until
 from tests.contract import MessengerContract, deliver_now, errors_of
+from tests.support import free_port, wait_until
 
 if TYPE_CHECKING:
     from tests.fake_apis import FakeTelegram
@@ -61,10 +60,9 @@ class TestTelegramContract(MessengerContract):
 
 
 @pytest.fixture
-def run(telegram_api: FakeTelegram, registered, monkeypatch):
+def run(telegram_api: FakeTelegram, registries, no_publish, monkeypatch):
     """Schedules ``text`` to ``chats`` and delivers the batch in this process, as a worker
     would, with ``messenger`` (default: one configured for the server). Returns rows by chat."""
-    monkeypatch.setattr(toolbox, "enqueue", lambda ids_by_messenger: None)
     default = TelegramMessenger(**telegram_api.options())
 
     def deliver(
@@ -187,7 +185,7 @@ def test_requests_go_through_the_proxy_with_tls_verification_on(telegram_api):
     assert telegram_api.proxied == 1 and telegram_api.delivered() == ["421337"]
 
 
-def test_addresses_are_chat_ids_or_channel_names(registered, telegram_api):
+def test_addresses_are_chat_ids_or_channel_names(registries, telegram_api):
     register_messenger_objects(TelegramMessenger(**telegram_api.options()))
     assert len(recipients("telegram", ["42", "-1001234567890", "@my_channel"])) == 3
     for bad in ["", "alice", "@ab", "12 34", "@9channel", "+123", "@chan-nel"]:
@@ -198,7 +196,7 @@ def test_addresses_are_chat_ids_or_channel_names(registered, telegram_api):
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_a_hundred_messages_through_a_worker_arrive_exactly_once(
-    telegram_api, start_worker, registered, settings
+    telegram_api, start_worker, registries, settings
 ):
     settings.SITEMESSAGE_BATCH_SIZE = 25
     register_messenger_objects(TelegramMessenger(**telegram_api.options()))

@@ -5,7 +5,8 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from dispatcher.models import Dispatch, DispatchError, Message
-from dispatcher.tasks import encode_schedule_call, send_dispatches
+from dispatcher.tasks import send_dispatches
+from dispatcher.toolbox import encode_call
 from messengers.exceptions import (
     InvalidAddressError,
     InvalidContextError,
@@ -16,7 +17,8 @@ from messengers.exceptions import (
 from sitemessage.messages.base import MessageBase
 from sitemessage.messages.email import EmailHtmlMessage, EmailTextMessage
 from sitemessage.toolbox import recipients, schedule_messages
-from tests.conftest import wait_until
+from tests.support import wait_until
+from workers.app import app
 
 pytestmark = pytest.mark.django_db
 
@@ -134,7 +136,7 @@ def test_a_bad_priority_is_refused(priority):
 
 def test_handmade_recipients_are_refused():
     with pytest.raises(ScheduleError, match="must come from recipients"):
-        schedule_messages("x", [("smtp", "a@example.com")])
+        schedule_messages("x", [("smtp", "a@example.com")])  # type: ignore[list-item]
     assert_nothing_written()
 
 
@@ -150,7 +152,7 @@ def test_a_later_bad_recipient_leaves_no_row_of_the_good_ones():
 def test_delivery_tasks_carry_ids_only(django_capture_on_commit_callbacks, monkeypatch):
     published = []
     monkeypatch.setattr(
-        send_dispatches, "apply_async", lambda args, **options: published.append((args, options))
+        app, "send_task", lambda name, args, **options: published.append((args, options))
     )
     addresses = [f"u{i}@example.com" for i in range(250)]
     with django_capture_on_commit_callbacks(execute=True):
@@ -166,7 +168,7 @@ def test_delivery_tasks_carry_ids_only(django_capture_on_commit_callbacks, monke
 def test_delay_payload_is_plain_json_data(user):
     import json
 
-    payload = encode_schedule_call(
+    payload = encode_call(
         EmailTextMessage("Hi", "body"), recipients("smtp", [user, "a@example.com"]), sender=user
     )
     assert json.loads(json.dumps(payload)) == payload
@@ -188,7 +190,7 @@ def test_delay_refuses_bad_input_in_the_caller():
 @pytest.mark.parametrize("priority", [-1, 40000, "high"])
 def test_delay_refuses_a_bad_priority_before_publishing(priority):
     with pytest.raises(ScheduleError, match="priority"):
-        encode_schedule_call("x", recipients("smtp", "a@example.com"), priority=priority)
+        encode_call("x", recipients("smtp", "a@example.com"), priority=priority)
 
 
 @pytest.mark.e2e

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from dispatcher import toolbox
 from dispatcher.models import Dispatch
 from messengers.exceptions import (
     InvalidAddressError,
@@ -24,8 +23,8 @@ from messengers.registry import register_messenger_objects
 from messengers.twitter import retry_after
 from sitemessage.messengers.twitter import TwitterMessenger
 from sitemessage.toolbox import recipients, schedule_messages
-from tests.conftest import free_port, wait_until
 from tests.contract import MessengerContract, deliver_now, errors_of
+from tests.support import free_port, wait_until
 
 if TYPE_CHECKING:
     from tests.fake_apis import FakeX
@@ -62,10 +61,9 @@ class TestTwitterContract(MessengerContract):
 
 
 @pytest.fixture
-def run(twitter_api: FakeX, registered, monkeypatch) -> Iterator[Run]:
+def run(twitter_api: FakeX, registries, no_publish, monkeypatch) -> Iterator[Run]:
     """Schedules ``text`` to ``addresses`` and delivers the batch in this process, as a worker
     would, with ``messenger`` (default: one configured for the server). Returns rows by address."""
-    monkeypatch.setattr(toolbox, "enqueue", lambda ids_by_messenger: None)
     default = TwitterMessenger(**twitter_api.options())
 
     def deliver(
@@ -192,7 +190,7 @@ def test_batches_reuse_one_connection(run, twitter_api):
 
 
 @pytest.mark.django_db
-def test_invalid_names_are_rejected_when_scheduling(registered, twitter_api):
+def test_invalid_names_are_rejected_when_scheduling(registries, twitter_api):
     register_messenger_objects(TwitterMessenger(**twitter_api.options()))
     for bad in ["not a name", "@", "a" * 16, "ann@example.com"]:
         with pytest.raises(InvalidAddressError, match="twitter"):
@@ -225,7 +223,7 @@ def test_neither_bodies_nor_secrets_are_logged(twitter_api, caplog):
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_a_hundred_posts_through_a_worker_arrive_exactly_once(
-    twitter_api, start_worker, registered, settings
+    twitter_api, start_worker, registries, settings
 ):
     settings.SITEMESSAGE_BATCH_SIZE = 25
     register_messenger_objects(TwitterMessenger(**twitter_api.options()))

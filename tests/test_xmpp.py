@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from dispatcher import toolbox
 from dispatcher.messages import PlainTextMessage
 from dispatcher.models import Dispatch, DispatchError
 from dispatcher.sweep import sweep
@@ -21,8 +20,8 @@ from messengers.registry import register_messenger_objects
 from sitemessage.messengers.xmpp import XMPPSleekMessenger
 from sitemessage.toolbox import recipients, schedule_messages
 from tests import contract
-from tests.conftest import free_port, wait_until
 from tests.contract import MessengerContract
+from tests.support import free_port, wait_until
 from tests.xmpp_server import ACCOUNTS, DOMAIN, PASSWORD, SENDER, Prosody, Recipient
 from tests.xmpp_server import prosody as prosody
 from tests.xmpp_server import prosody_tls as prosody_tls
@@ -98,8 +97,8 @@ class TestXMPPContract(MessengerContract):
 
 
 @pytest.fixture
-def in_process(registered: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(toolbox, "enqueue", lambda ids_by_messenger: None)
+def in_process(registries: None, no_publish: list) -> None:
+    pass
 
 
 @pytest.mark.django_db
@@ -213,7 +212,7 @@ class TestDelivery:
 @pytest.mark.parametrize(
     "address", ["not a jid", DOMAIN, "a@b@c", "@nodomain", f"rcpt0@{DOMAIN}\n"]
 )
-def test_an_invalid_jid_is_refused_when_scheduling(address, registered):
+def test_an_invalid_jid_is_refused_when_scheduling(address, registries):
     register_messenger_objects(XMPPSleekMessenger(SENDER, PASSWORD, port=free_port()))
     with pytest.raises(InvalidAddressError, match="xmppsleek"):
         recipients("xmppsleek", [address])
@@ -267,7 +266,7 @@ def sent() -> int:
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_500_messages_through_a_worker_arrive_exactly_once(
-    prosody, five_online, start_worker, registered
+    prosody, five_online, start_worker, registries
 ):
     start_worker(["messenger.xmppsleek"], env=worker_env(prosody))
     started = time.monotonic()
@@ -291,7 +290,7 @@ def test_500_messages_through_a_worker_arrive_exactly_once(
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_500_messages_survive_a_server_restart(
-    prosody, five_online, start_worker, registered, settings
+    prosody, five_online, start_worker, registries, settings
 ):
     settings.SITEMESSAGE_BATCH_SIZE = 20  # many batches: the restart lands in the middle
     worker = start_worker(["messenger.xmppsleek"], env=worker_env(prosody))
@@ -320,7 +319,7 @@ def test_500_messages_survive_a_server_restart(
 
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
-def test_wrong_password_through_a_worker(prosody, five_online, start_worker, registered):
+def test_wrong_password_through_a_worker(prosody, five_online, start_worker, registries):
     worker = start_worker(
         ["messenger.xmppsleek"], concurrency=1, env=worker_env(prosody, "wrong-secret")
     )

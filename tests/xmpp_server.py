@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from slixmpp import ClientXMPP
 
-from tests.conftest import free_port
+from tests.support import free_port
 
 DOMAIN = "localhost"
 SENDER, PASSWORD = f"sender@{DOMAIN}", "sender-secret"

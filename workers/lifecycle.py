@@ -26,26 +26,44 @@ from celery.concurrency import get_implementation
 from messengers.base import MessengerBase, cool_down, warm_up
 from messengers.registry import get_registered_messenger_objects
 
-from .queues import alias_of_queue
+from .queues import alias_of_queue, queue_for
 
 logger = logging.getLogger(__name__)
 
 #: Seconds the process start may spend warming messengers (Celery's limit is 4).
 WARM_UP_BUDGET = 3.0
 
+#: Messenger aliases of the queues this worker consumes; set in the worker's main process at
+#: worker_init, inherited by the prefork children.
+_consumed: list[str] = []
 
-def consumed_messengers(app: Any) -> list[MessengerBase]:
+
+def connect() -> None:
+    """Connects the lifecycle to Celery's worker signals (once, however often called)."""
+    for signal, handler in [
+        (signals.worker_init, _on_worker_init),
+        (signals.worker_process_init, _on_process_init),
+        (signals.worker_process_shutdown, _on_process_shutdown),
+        (signals.worker_ready, _on_worker_ready),
+        (signals.worker_shutdown, _on_worker_shutdown),
+    ]:
+        signal.connect(handler, weak=False, dispatch_uid=f"sitemessage.{handler.__name__}")
+
+
+def consumed_aliases(queues: Any) -> list[str]:
+    return [alias for alias in map(alias_of_queue, queues or {}) if alias is not None]
+
+
+def consumed_messengers(aliases: list[str]) -> list[MessengerBase]:
     registered = get_registered_messenger_objects()
-    result = []
-    for queue in app.amqp.queues.consume_from or {}:
-        alias = alias_of_queue(queue)
-        if alias is None:
-            continue
-        if alias in registered:
-            result.append(registered[alias])
-        else:
-            logger.error("queue %s has no registered messenger %r", queue, alias)
-    return result
+    for alias in aliases:
+        if alias not in registered:
+            logger.error(
+                "queue %s has no registered messenger %r: its dispatches will fail",
+                queue_for(alias),
+                alias,
+            )
+    return [registered[alias] for alias in aliases if alias in registered]
 
 
 def warm_messengers(messengers: list[MessengerBase], budget: float = WARM_UP_BUDGET) -> None:
@@ -80,31 +98,25 @@ def _is_solo(pool_cls: type) -> bool:
     return pool_cls.__module__ == "celery.concurrency.solo"
 
 
-@signals.worker_init.connect
-def _solo_without_event_loop(sender: Any = None, **_: Any) -> None:
-    # Sent after WorkController decided on the event loop and before it builds its bootsteps.
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    # Sent after WorkController chose its queues and the event loop, before its bootsteps.
+    _consumed[:] = consumed_aliases(sender.app.amqp.queues.consume_from)
     if _is_solo(get_implementation(sender.pool_cls)):
         sender.use_eventloop = False
 
 
-@signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
-    from .app import app
-
-    warm_messengers(consumed_messengers(app))
+    warm_messengers(consumed_messengers(_consumed))
 
 
-@signals.worker_process_shutdown.connect
 def _on_process_shutdown(**_: Any) -> None:
     cool_messengers()
 
 
-@signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     if _is_solo(type(getattr(sender, "pool", None))):
-        warm_messengers(consumed_messengers(sender.app))
+        warm_messengers(consumed_messengers(_consumed))
 
 
-@signals.worker_shutdown.connect
-def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+def _on_worker_shutdown(**_: Any) -> None:
     cool_messengers()  # a no-op in a prefork parent: nothing warms there

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from datetime import timedelta
 from typing import Any
 
@@ -13,8 +11,8 @@ from kombu import Queue
 
 from dispatcher.messages import EmailTextMessage
 from dispatcher.models import Dispatch, DispatchError, Message
-from tests.conftest import ROOT, database_url
-from workers import app
+from tests.support import run_python
+from workers.app import app
 
 
 def drain(queue: str = "messenger.smtp", limit: int = 10000) -> list[tuple[str, list[Any]]]:
@@ -73,17 +71,4 @@ def make_dispatch(
 
 def manage(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Runs ``manage.py`` in a subprocess against the test database."""
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "DATABASE_URL": database_url(),
-            **(env or {}),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_python("manage.py", *args, env=env)

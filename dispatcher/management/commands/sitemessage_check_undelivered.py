@@ -10,21 +10,19 @@ Exits 0 when nothing is undelivered, 1 when something is or when the report cann
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError
 from django.db.models import Count, Q
 from django.utils import timezone
 
 from dispatcher.messages import EmailTextMessage
-from dispatcher.models import Dispatch, DispatchError, Message
-from dispatcher.pipeline import deliver
-from dispatcher.toolbox import MAX_PRIORITY, checked_context, recipients, republish_after
+from dispatcher.models import Dispatch, DispatchError
+from dispatcher.pipeline import deliver, lease_owner
+from dispatcher.toolbox import MAX_PRIORITY, recipients, schedule
 from messengers.base import cool_down
 from messengers.exceptions import SitemessageError
 from messengers.registry import get_registered_messenger_object
@@ -115,35 +113,27 @@ def format_report(rows: list[Undelivered], total: int) -> str:
 def send_report(to: list[str], subject: str, text: str) -> None:
     """Stores the report as a message to ``to`` and delivers it now through the registered
     smtp messenger; raises CommandError unless every address accepted it."""
+    # Stored like any message but not published: this process delivers it, and if that fails
+    # the sweep retries it.
     try:
         messenger = get_registered_messenger_object("smtp")
-        recipient_list = recipients(messenger, to)
-        message = EmailTextMessage(subject, text)
-        context = checked_context(message)
+        [(_, dispatches)] = schedule(
+            EmailTextMessage(subject, text),
+            recipients(messenger, to),
+            priority=MAX_PRIORITY,
+            publish=False,
+        )
     except SitemessageError as exc:
         raise CommandError(f"cannot send the report: {exc}") from exc
-    try:
-        with transaction.atomic():
-            message_model = Message.objects.create(
-                cls=message.get_alias(), context=context, priority=MAX_PRIORITY
-            )
-            dispatches = Dispatch.objects.bulk_create(
-                Dispatch(
-                    message=message_model,
-                    messenger=r.messenger,
-                    address=r.address,
-                    next_attempt_at=timezone.now() + republish_after(),
-                )
-                for r in recipient_list
-            )
-        ids = [d.pk for d in dispatches]
-        owner = f"{socket.gethostname()[:40]}:{os.getpid()}:check_undelivered"
-        try:
-            result = deliver("smtp", ids, owner)
-        finally:
-            cool_down(messenger)
     except DatabaseError as exc:
-        raise CommandError(f"cannot store or deliver the report: {exc}") from exc
+        raise CommandError(f"cannot store the report: {exc}") from exc
+    ids = [d.pk for d in dispatches]
+    try:
+        result = deliver("smtp", ids, lease_owner("check_undelivered"))
+    except DatabaseError as exc:
+        raise CommandError(f"cannot deliver the report: {exc}") from exc
+    finally:
+        cool_down(messenger)
     if result.sent < len(ids):
         errors = DispatchError.objects.filter(dispatch_id__in=ids).order_by("pk")
         reasons = "; ".join(f"{e.exc_type}: {e.error[:ERROR_PREVIEW]}" for e in errors)

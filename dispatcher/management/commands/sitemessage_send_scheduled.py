@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
 from dispatcher.sweep import sweep
-from workers import app
+from workers.broker import BrokerUnreachable, check_broker
 
 #: Seconds to wait for the broker before giving up.
 BROKER_TIMEOUT = 5
@@ -34,7 +34,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, priority: int | None = None, **options: Any) -> None:
-        check_broker()
+        try:
+            check_broker(BROKER_TIMEOUT)
+        except BrokerUnreachable as exc:
+            raise CommandError(
+                f"{exc}; nothing was published, the dispatches stay in the database for the "
+                "next sweep"
+            ) from exc
         try:
             result = sweep(priority=priority)
         except DatabaseError as exc:
@@ -50,15 +56,3 @@ class Command(BaseCommand):
                 f"publishing failed for {result['unpublished']} dispatches (see the log); they "
                 "stay in the database and are due again at the next sweep"
             )
-
-
-def check_broker() -> None:
-    """Raises CommandError unless the broker answers within BROKER_TIMEOUT seconds."""
-    with app.connection_for_write() as conn:
-        try:
-            conn.ensure_connection(max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT)
-        except Exception as exc:
-            raise CommandError(
-                f"broker {conn.as_uri()} unreachable ({exc}); nothing was published, the "
-                "dispatches stay in the database for the next sweep"
-            ) from exc

@@ -1,0 +1,214 @@
+"""Every ``SITEMESSAGE_*`` setting, once: its default, its type and what it means.
+
+Values are read from Django's settings each time they are used, so ``override_settings`` works.
+``validate()`` runs when the app is ready (``manage.py``, workers, beat): a bad value stops the
+process with an ``ImproperlyConfigured`` that names the setting and the value. ``get()``
+checks the value too, so a setting changed at run time to something invalid fails where it is
+used, with the same message, rather than as an unrelated error further down.
+
+Each setting can also come from the environment variable of the same name (see
+``from_environment``), which is how ``config.settings`` and the tests configure them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+from messengers.exceptions import did_you_mean
+
+T = TypeVar("T")
+PREFIX = "SITEMESSAGE_"
+#: Schemes the rate limiter's Redis URL may use.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One setting; ``kind`` is int, float (an int is accepted), str or dict."""
+
+    name: str
+    default: T
+    kind: type
+    meaning: str
+    #: Smallest allowed number (inclusive) for int and float settings.
+    minimum: float | None = None
+    #: True when None is allowed (and means "not set").
+    optional: bool = False
+    #: Prefixes a str value must start with.
+    prefixes: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return PREFIX + self.name
+
+    def get(self) -> T:
+        value = getattr(settings, self.key, self.default)
+        self.check(value)
+        return value  # type: ignore[no-any-return]
+
+    def check(self, value: Any) -> None:
+        """Raises ImproperlyConfigured naming the setting and the value unless it is valid."""
+        problem = self._problem(value)
+        if problem:
+            raise ImproperlyConfigured(f"{self.key} {problem}, got {value!r}")
+
+    def _problem(self, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        kinds: tuple[type, ...] = (int, float) if self.kind is float else (self.kind,)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            what = {int: "an integer", float: "a number", str: "a string", dict: "a dict"}
+            return f"must be {what[self.kind]}{' or None' if self.optional else ''}"
+        if self.kind in (int, float):
+            number = cast(float, value)
+            if not math.isfinite(number):
+                return "must be a finite number"
+            if self.minimum is not None and number < self.minimum:
+                return f"must be at least {self.minimum:g}"
+        if self.kind is str and not value:
+            return "must not be empty"
+        if self.prefixes and not str(value).startswith(self.prefixes):
+            return f"must start with {' or '.join(self.prefixes)}"
+        return None
+
+    def parse(self, raw: str) -> Any:
+        """The value of this setting given as the text of an environment variable. Text that
+        does not parse is kept as it is, for validate() to reject by name: the settings module
+        must not raise ImproperlyConfigured, which manage.py swallows."""
+        if self.optional and raw == "":
+            return None
+        try:
+            if self.kind is dict:
+                return json.loads(raw)
+            return self.kind(raw) if self.kind in (int, float) else raw
+        except ValueError:
+            return raw
+
+
+MESSENGERS = Setting[dict[str, Any]](
+    "MESSENGERS",
+    {},
+    dict,
+    "the messengers of this deployment, alias -> {class, options, rate_limit}",
+)
+BATCH_SIZE = Setting[int]("BATCH_SIZE", 100, int, "dispatch ids per delivery task", minimum=1)
+LEASE_SECONDS = Setting[float](
+    "LEASE_SECONDS", 600, float, "how long a worker owns a claimed dispatch", minimum=0.001
+)
+RETRY_BACKOFF = Setting[float](
+    "RETRY_BACKOFF", 30, float, "seconds before the first retry; doubles per attempt", minimum=0
+)
+RETRY_BACKOFF_MAX = Setting[float](
+    "RETRY_BACKOFF_MAX", 3600, float, "longest wait between two attempts", minimum=0
+)
+REPUBLISH_AFTER = Setting[float](
+    "REPUBLISH_AFTER",
+    300,
+    float,
+    "seconds a published dispatch may wait in its queue before the sweep publishes it again",
+    minimum=0.001,
+)
+OUTCOME_CHUNK = Setting[int](
+    "OUTCOME_CHUNK",
+    20,
+    int,
+    "failed outcomes written per database round trip (a sent one is written at once)",
+    minimum=1,
+)
+DB_RETRY_SECONDS = Setting[float](
+    "DB_RETRY_SECONDS",
+    60,
+    float,
+    "how long a worker retries a database that is down or locked",
+    minimum=0,
+)
+SWEEP_INTERVAL = Setting[float](
+    "SWEEP_INTERVAL", 30, float, "seconds between two sweeps (beat)", minimum=0.1
+)
+SWEEP_LIMIT = Setting[int](
+    "SWEEP_LIMIT", 10000, int, "most dispatches one sweep publishes", minimum=1
+)
+RATE_LIMIT_REDIS_URL = Setting[str | None](
+    "RATE_LIMIT_REDIS_URL",
+    None,
+    str,
+    "Redis of the shared rate limits; None: the broker when it is Redis, else local Redis",
+    optional=True,
+    prefixes=REDIS_SCHEMES,
+)
+RATE_LIMIT_MAX_WAIT = Setting[float](
+    "RATE_LIMIT_MAX_WAIT",
+    60,
+    float,
+    "seconds a batch waits for rate-limit slots before it gives the rest back",
+    minimum=0,
+)
+SHORTCUT_EMAIL_MESSENGER_TYPE = Setting[str](
+    "SHORTCUT_EMAIL_MESSENGER_TYPE", "smtp", str, "messenger alias of schedule_email()"
+)
+SHORTCUT_EMAIL_MESSAGE_TYPE = Setting[str | None](
+    "SHORTCUT_EMAIL_MESSAGE_TYPE",
+    None,
+    str,
+    "message type alias of schedule_email(); None: text or HTML by the message",
+    optional=True,
+)
+
+#: Every setting, by its name without the prefix.
+SETTINGS: dict[str, Setting[Any]] = {
+    setting.name: setting
+    for setting in (
+        MESSENGERS,
+        BATCH_SIZE,
+        LEASE_SECONDS,
+        RETRY_BACKOFF,
+        RETRY_BACKOFF_MAX,
+        REPUBLISH_AFTER,
+        OUTCOME_CHUNK,
+        DB_RETRY_SECONDS,
+        SWEEP_INTERVAL,
+        SWEEP_LIMIT,
+        RATE_LIMIT_REDIS_URL,
+        RATE_LIMIT_MAX_WAIT,
+        SHORTCUT_EMAIL_MESSENGER_TYPE,
+        SHORTCUT_EMAIL_MESSAGE_TYPE,
+    )
+}
+
+
+def validate() -> None:
+    """Checks every setting; raises ImproperlyConfigured for the first invalid one."""
+    for setting in SETTINGS.values():
+        setting.get()
+    for alias, entry in MESSENGERS.get().items():
+        if not isinstance(alias, str) or not isinstance(entry, dict | None):
+            raise ImproperlyConfigured(
+                f"{MESSENGERS.key} maps messenger aliases to dicts, got {alias!r}: {entry!r}"
+            )
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given as environment variables, as Django settings (name -> value)."""
+    return {s.key: s.parse(environ[s.key]) for s in SETTINGS.values() if s.key in environ}
+
+
+def unknown_settings(**_: Any) -> list[checks.CheckMessage]:
+    """System check: a ``SITEMESSAGE_*`` setting that nothing reads is most likely a typo."""
+    keys = [s.key for s in SETTINGS.values()]
+    return [
+        checks.Warning(
+            f"{name} is not a sitemessage setting{did_you_mean(name, keys)}",
+            hint=f"the settings are: {', '.join(keys)}",
+            id="sitemessage.W001",
+        )
+        for name in dir(settings)
+        if name.startswith(PREFIX) and name not in keys
+    ]

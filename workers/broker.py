@@ -1,0 +1,70 @@
+"""Everything the rest of the project asks of the broker: publishing tasks, checking that the
+broker answers, and its URL (the rate limiter shares a Redis broker).
+
+Tasks are published by name through the current Celery app (ours, or a project's own app that
+serves our tasks), so this module never imports the tasks module, and the producer side needs
+none of the task code. Task arguments are data only: dispatch ids, or a schedule request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import current_app
+from kombu.exceptions import KombuError
+
+from .queues import DEFAULT_QUEUE, SCHEDULE_MESSAGES, SEND_DISPATCHES, queue_for
+
+logger = logging.getLogger(__name__)
+
+#: What a publish raises when the broker is unreachable; anything else is a bug and propagates.
+BROKER_ERRORS = (KombuError, OSError)
+
+
+class BrokerUnreachable(Exception):
+    """The broker did not answer."""
+
+
+def enqueue(ids_by_messenger: dict[str, list[int]], batch_size: int) -> list[int]:
+    """Publishes one delivery task per ``batch_size`` ids of each messenger on its queue; returns
+    the ids it could not publish. An unreachable broker is logged, not raised: the rows are
+    stored and stay pending, and the sweep publishes them again."""
+    unpublished: list[int] = []
+    for alias, ids in ids_by_messenger.items():
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size]
+            try:
+                current_app.send_task(SEND_DISPATCHES, (alias, batch), queue=queue_for(alias))
+            except BROKER_ERRORS:
+                logger.exception(
+                    "could not publish %d %s dispatches; they stay pending for the sweep",
+                    len(ids) - start,
+                    alias,
+                )
+                unpublished += ids[start:]
+                break
+    return unpublished
+
+
+def publish_schedule_request(payload: dict[str, Any], **options: Any) -> Any:
+    """Publishes a schedule_messages() call for a worker of the default queue."""
+    options.setdefault("queue", DEFAULT_QUEUE)
+    return current_app.send_task(SCHEDULE_MESSAGES, (), {"payload": payload}, **options)
+
+
+def check_broker(timeout: int) -> None:
+    """Raises BrokerUnreachable unless the broker answers within ``timeout`` seconds."""
+    with current_app.connection_for_write() as conn:
+        try:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+        except Exception as exc:
+            raise BrokerUnreachable(f"broker {conn.as_uri()} unreachable ({exc})") from exc
+
+
+def broker_url() -> str:
+    """The URL of the (first) broker of the current Celery app."""
+    url = current_app.conf.broker_url or ""
+    if isinstance(url, list | tuple):
+        url = url[0] if url else ""
+    return str(url).split(";")[0].strip()

@@ -1,0 +1,5 @@
+"""Where ``celery -A workers`` finds the app (Celery looks for ``<package>.celery``)."""
+
+from .app import app
+
+__all__ = ["app"]
