@@ -37,6 +37,9 @@ class MessageBase:
     template_ext: str = "txt"
     #: MIME subtype of the rendered body ("plain" or "html").
     content_subtype: str = "plain"
+    #: Context keys whose values messengers put into a header: refused at scheduling unless
+    #: they are one line of text.
+    header_fields: tuple[str, ...] = ()
 
     def __init__(self, context: dict[str, Any] | None = None, template_path: str | None = None):
         self.context: dict[str, Any] = dict(context or {})
@@ -101,6 +104,7 @@ class EmailTextMessage(MessageBase):
 
     alias = "email_plain"
     title = "E-mail (text)"
+    header_fields = ("subject",)
 
     def __init__(
         self, subject: str, text_or_dict: str | dict[str, Any], template_path: str | None = None

@@ -10,6 +10,7 @@ plain data, for ``dispatcher.tasks.schedule_messages`` to run in a worker.
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,8 +31,12 @@ from . import conf
 from .messages import MessageBase, PlainTextMessage, get_registered_message_type
 from .models import Dispatch, Message
 
+logger = logging.getLogger(__name__)
+
 #: Highest priority a Message row can store.
 MAX_PRIORITY = 32767
+#: Deepest nesting of lists and dicts a message context may have.
+MAX_CONTEXT_DEPTH = 50
 
 
 @dataclass(frozen=True)
@@ -169,14 +174,20 @@ def schedule_encoded(payload: dict[str, Any]) -> list[tuple[Message, list[Dispat
     if payload["sender"] is not None:
         pks.add(payload["sender"])
     users = user_model._default_manager.in_bulk(list(pks))
-    missing = pks - set(users)
-    if missing:
-        raise ScheduleError(f"users no longer exist: {sorted(missing)}")
-    recipient_list = [
-        Recipient(r["messenger"], users.get(r["user"]), r["address"]) for r in payload["recipients"]
-    ]
+    recipient_list = []
+    for r in payload["recipients"]:
+        if r["user"] is not None and r["user"] not in users:
+            # Deleted since .delay(): the others still get the message.
+            logger.warning(
+                "%s recipient skipped: user %s no longer exists", r["messenger"], r["user"]
+            )
+            continue
+        recipient_list.append(Recipient(r["messenger"], users.get(r["user"]), r["address"]))
+    sender = users.get(payload["sender"])
+    if payload["sender"] is not None and sender is None:
+        logger.warning("scheduled without a sender: user %s no longer exists", payload["sender"])
     messages = [MessageBase.from_wire(m) for m in payload["messages"]]
-    return schedule(messages, recipient_list, users.get(payload["sender"]), payload["priority"])
+    return schedule(messages, recipient_list, sender, payload["priority"])
 
 
 def checked_call(
@@ -188,15 +199,20 @@ def checked_call(
     recipient_list = checked_recipients(recipients)
     if sender is not None:
         check_user(sender, "sender")
-    if priority is not None and not (
+    if priority is not None:
+        check_priority(priority, "priority")
+    for message in message_objs:
+        check_priority(message.priority, f"priority of message type {message.get_alias()!r}")
+    return message_objs, recipient_list, [checked_context(m) for m in message_objs]
+
+
+def check_priority(priority: Any, what: str) -> None:
+    if not (
         isinstance(priority, int)
         and not isinstance(priority, bool)
         and 0 <= priority <= MAX_PRIORITY
     ):
-        raise ScheduleError(
-            f"priority must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}"
-        )
-    return message_objs, recipient_list, [checked_context(m) for m in message_objs]
+        raise ScheduleError(f"{what} must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}")
 
 
 def send_test_message(messenger: str, to: str | None = None) -> Any:
@@ -267,6 +283,12 @@ def checked_context(message: MessageBase) -> dict[str, Any]:
         raise InvalidContextError(
             f"context of {message.get_alias()!r} must be a dict, got {type(context).__name__}"
         )
+    depth = _depth(context)
+    if depth > MAX_CONTEXT_DEPTH:
+        raise InvalidContextError(
+            f"context of {message.get_alias()!r} is nested more than {MAX_CONTEXT_DEPTH} "
+            "levels deep"
+        )
     try:
         text = json.dumps(context, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -280,7 +302,29 @@ def checked_context(message: MessageBase) -> dict[str, Any]:
             f"context of {message.get_alias()!r} contains {problem}, which databases cannot "
             "store in JSON"
         )
+    for key in message.header_fields:
+        value = result.get(key, "")
+        if not isinstance(value, str) or "\r" in value or "\n" in value:
+            raise InvalidContextError(
+                f"context of {message.get_alias()!r}: {key!r} goes into a header and must be "
+                f"one line of text, got {value!r:.100}"
+            )
     return result
+
+
+def _depth(value: Any) -> int:
+    """How deeply containers nest in a value, counted without recursion (so a context nested
+    100,000 levels deep is measured, not a RecursionError); stops counting past the limit."""
+    deepest, level = 0, [value]
+    while level and deepest <= MAX_CONTEXT_DEPTH:
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list | tuple)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        deepest += 1
+    return deepest if level else deepest - 1
 
 
 def _unstorable_text(value: Any) -> str | None:

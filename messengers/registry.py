@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from typing import Any
 
 from django.utils.module_loading import import_string
@@ -32,6 +33,8 @@ BUILTIN_MESSENGERS = {
 
 logger = logging.getLogger(__name__)
 _registry: dict[str, MessengerBase] = {}
+#: A messenger alias names its queue (messenger.<alias>), which ``celery -Q`` splits on commas.
+ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def register_messenger_objects(*messengers: MessengerBase) -> None:
@@ -48,6 +51,7 @@ def register_messenger_objects(*messengers: MessengerBase) -> None:
                 "dispatch_models) as a method: its dispatches will fail",
                 type(messenger).__name__,
             )
+        check_alias(alias_of(messenger))
         check_rate_limit(alias_of(messenger), messenger.rate_limit)
         _registry[alias_of(messenger)] = messenger
 
@@ -91,6 +95,15 @@ def messenger_from_settings(alias: str, conf: dict[str, Any]) -> MessengerBase:
         check_rate_limit(alias, conf["rate_limit"])
         messenger.rate_limit = conf["rate_limit"]
     return messenger
+
+
+def check_alias(alias: str) -> None:
+    if not ALIAS.fullmatch(alias):
+        raise MessengerConfigurationError(
+            f"messenger alias {alias!r} is not allowed: an alias has 1 to 100 characters, "
+            "letters A-Z and a-z, digits, '_', '.' and '-', and starts with a letter or digit "
+            "(it names the queue messenger.<alias>)"
+        )
 
 
 def check_rate_limit(alias: str, rate: str | None) -> None:

@@ -139,13 +139,22 @@ class SMTPMessenger(MessengerBase):
 
     def _deliver(self, email: EmailMessage, to: str, dispatch_id: int | None) -> None:
         """Sends one e-mail on the open connection; raises a Temporary- or
-        PermanentDeliveryError (closing the connection when it is no longer usable)."""
+        PermanentDeliveryError (closing the connection when it is no longer usable, resetting
+        the session when it stopped inside a transaction, so the next e-mail starts clean)."""
         assert self._conn is not None
-        sender = email.from_email
         try:
-            self._conn.sendmail(sender, [to], email.message().as_bytes(linesep="\r\n"))
+            sender, envelope_to = ascii_address(email.from_email), ascii_address(to)
+            data = email.message().as_bytes(linesep="\r\n")
+        except (UnicodeError, ValueError) as exc:
+            raise PermanentDeliveryError(
+                f"cannot encode the e-mail to {to!r}: {exc}",
+                alias=self.alias,
+                dispatch_id=dispatch_id,
+            ) from exc
+        try:
+            self._conn.sendmail(sender, [envelope_to], data)
         except smtplib.SMTPRecipientsRefused as exc:
-            code, reply = exc.recipients.get(to, (451, b"recipient refused"))
+            code, reply = exc.recipients.get(envelope_to, (451, b"recipient refused"))
             raise _smtp_error(code, reply, self.alias, dispatch_id) from exc
         except smtplib.SMTPResponseException as exc:
             if exc.smtp_code == 421:  # the server is closing the channel
@@ -156,6 +165,20 @@ class SMTPMessenger(MessengerBase):
             raise TemporaryDeliveryError(
                 f"SMTP connection lost: {exc!r}", alias=self.alias, dispatch_id=dispatch_id
             ) from exc
+        except Exception as exc:  # smtplib stopped mid-transaction (MAIL FROM already sent)
+            self._reset()
+            raise TemporaryDeliveryError(
+                f"SMTP transaction failed: {exc!r}", alias=self.alias, dispatch_id=dispatch_id
+            ) from exc
+
+    def _reset(self) -> None:
+        """Ends a half-done transaction (RSET); a connection that does not answer is dropped."""
+        try:
+            if self._conn is not None and self._conn.rset()[0] == 250:
+                return
+        except (smtplib.SMTPException, OSError):
+            pass
+        self._drop()
 
     def _ensure_connection(self) -> None:
         """Reuses the open connection if the server still answers NOOP, else reconnects."""
@@ -210,6 +233,15 @@ class SMTPMessenger(MessengerBase):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def ascii_address(address: str) -> str:
+    """The address for the SMTP envelope: an internationalised domain in its IDNA (punycode)
+    form. Local parts are ASCII already: validate_address() refuses any other."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    return f"{local}@{domain.encode('idna').decode('ascii')}"
 
 
 def _smtp_error(

@@ -3,13 +3,20 @@ and what is special to SMTP: connection reuse, reconnects, reply codes."""
 
 from __future__ import annotations
 
+import smtplib
+
 import pytest
 
+from dispatcher.models import Dispatch
+from messengers.base import alias_of
 from messengers.exceptions import PermanentDeliveryError, TemporaryDeliveryError
+from messengers.registry import register_messenger_objects
 from sitemessage.messengers.smtp import SMTPMessenger
 from sitemessage.utils import MessengerBase
-from tests.contract import MessengerContract
+from tests.contract import MessengerContract, deliver_now, errors_of
 from tests.support import SMTPSink
+
+Status = Dispatch.Status
 
 
 class CountingSink(SMTPSink):
@@ -188,3 +195,48 @@ def test_a_refusal_names_the_messenger_under_its_own_alias(smtp):
     with pytest.raises(PermanentDeliveryError, match="newsletter") as refused:
         messenger._test_message("gone@example.com", "x")
     assert refused.value.alias == "newsletter"
+
+
+def deliver_through(messenger, addresses: list[str]) -> dict[str, Dispatch]:
+    register_messenger_objects(messenger)
+    return {d.address: d for d in deliver_now(alias_of(messenger), addresses)}
+
+
+@pytest.mark.django_db
+def test_an_internationalised_domain_is_delivered_and_harms_no_other_dispatch(
+    smtp, registries, no_publish
+):
+    sink, messenger, _ = smtp
+    rows = deliver_through(messenger, ["user@exämple.com", "a@example.com", "b@example.com"])
+    assert {(row.status, row.attempts) for row in rows.values()} == {(Status.SENT, 1)}
+    assert sorted(sink.recipients()) == [
+        "a@example.com",
+        "b@example.com",
+        "user@xn--exmple-cua.com",
+    ]
+    [idn] = [email for rcpts, email in sink.messages if rcpts == ["user@xn--exmple-cua.com"]]
+    assert idn["To"] == "user@xn--exmple-cua.com"
+
+
+@pytest.mark.django_db
+def test_a_failure_inside_a_transaction_resets_the_session_for_the_next_dispatch(
+    smtp, registries, no_publish, monkeypatch
+):
+    # smtplib raising between MAIL FROM and DATA, with no SMTP reply to blame: the next
+    # dispatch on the same connection must not see "503 nested MAIL command".
+    sink, messenger, _ = smtp
+    real_rcpt = smtplib.SMTP.rcpt
+
+    def rcpt(self, recip, options=()):
+        if recip.startswith("broken@"):
+            raise ValueError("cannot send this recipient")
+        return real_rcpt(self, recip, options)
+
+    monkeypatch.setattr(smtplib.SMTP, "rcpt", rcpt)
+    rows = deliver_through(messenger, ["broken@example.com", "a@example.com", "b@example.com"])
+    assert rows["broken@example.com"].status == Status.ERROR
+    assert "SMTP transaction failed" in errors_of(rows["broken@example.com"])[0]
+    assert (rows["a@example.com"].status, rows["a@example.com"].attempts) == (Status.SENT, 1)
+    assert (rows["b@example.com"].status, rows["b@example.com"].attempts) == (Status.SENT, 1)
+    assert sorted(sink.recipients()) == ["a@example.com", "b@example.com"]
+    assert sink.sessions == 1  # reset, not reconnected

@@ -100,3 +100,20 @@ def test_rendering_is_per_dispatch_and_html_is_escaped(django_user_model):
         PlainTextMessage.render(plain, Dispatch(message=plain, address="x")).strip()
         == "<b> & 'quotes'"
     )
+
+
+@pytest.mark.parametrize("alias", ["sms,eu", "sms eu", "-sms", "sms/eu", "x" * 101, "émail"])
+def test_an_alias_a_queue_cannot_carry_is_refused_at_registration(alias, registries):
+    class Pager(MessengerBase):
+        def send(self, message_cls, message_model, dispatch_models):
+            pass
+
+    messenger = Pager()
+    messenger.alias = alias
+    with pytest.raises(MessengerConfigurationError, match=r"letters A-Z and a-z, digits, '_'"):
+        register_messenger_objects(messenger)
+    assert alias not in get_registered_messenger_objects()
+    for good in ("sms-eu", "sms_eu", "sms.eu", "SMS2"):
+        messenger.alias = good
+        register_messenger_objects(messenger)
+        assert get_registered_messenger_object(good) is messenger

@@ -4,9 +4,10 @@ written, and schedule_messages.delay() through a real worker with the JSON seria
 import pytest
 from django.contrib.auth import get_user_model
 
+from dispatcher.messages import register_message_types
 from dispatcher.models import Dispatch, DispatchError, Message
 from dispatcher.tasks import send_dispatches
-from dispatcher.toolbox import encode_call
+from dispatcher.toolbox import encode_call, schedule_encoded
 from messengers.exceptions import (
     InvalidAddressError,
     InvalidContextError,
@@ -239,3 +240,56 @@ def test_a_task_delivered_twice_sends_nothing_twice(start_worker, smtp_server):
     assert sorted(sink.recipients()) == sorted(d.address for d in dispatches)
     assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
     assert not DispatchError.objects.exists()
+
+
+@pytest.mark.parametrize("subject", ["Hi\r\nBcc: everyone@example.com", "two\nlines", "cr\r"])
+def test_a_subject_that_is_not_one_line_is_refused_before_anything_is_written(subject):
+    for message_cls in (EmailTextMessage, EmailHtmlMessage):
+        with pytest.raises(InvalidContextError, match=r"'subject' goes into a header"):
+            schedule_messages(message_cls(subject, "body"), recipients("smtp", "a@example.com"))
+        with pytest.raises(InvalidContextError, match=r"'subject' goes into a header"):
+            schedule_messages.delay(message_cls(subject, "body"), recipients("smtp", "a@b.example"))
+    assert_nothing_written()
+
+
+@pytest.mark.parametrize("priority", [99999, -5, 1.5, None])
+def test_a_bad_class_level_priority_is_a_schedule_error(priority, registries):
+    class Odd(MessageBase):
+        alias = "odd_priority"
+
+    Odd.priority = priority  # type: ignore[assignment]
+    register_message_types(Odd)
+    with pytest.raises(ScheduleError, match=r"priority of message type 'odd_priority' must be"):
+        schedule_messages(Odd({"x": 1}), recipients("smtp", "a@example.com"))
+    assert_nothing_written()
+
+
+def test_a_context_nested_too_deeply_is_a_schedule_error():
+    deep: list = []
+    inner = deep
+    for _ in range(100_000):
+        inner.append([])
+        inner = inner[0]
+    message = EmailTextMessage("s", {"deep": deep})
+    with pytest.raises(InvalidContextError, match="nested more than 50 levels deep"):
+        schedule_messages(message, recipients("smtp", "a@example.com"))
+    assert_nothing_written()
+    nested_enough: dict = {"level": {"level": {"level": "fine"}}}
+    schedule_messages(EmailTextMessage("s", nested_enough), recipients("smtp", "a@example.com"))
+
+
+def test_a_recipient_deleted_after_delay_is_skipped_and_the_others_get_it(user, caplog):
+    bob = get_user_model().objects.create(username="bob", email="bob@example.com")
+    payload = encode_call(
+        EmailTextMessage("Hi", "body"), recipients("smtp", [user, bob, "c@example.com"]), sender=bob
+    )
+    bob_pk = bob.pk
+    bob.delete()
+
+    [(message, dispatches)] = schedule_encoded(payload)
+
+    assert sorted(d.address for d in dispatches) == ["ann@example.com", "c@example.com"]
+    assert message.sender is None
+    assert f"smtp recipient skipped: user {bob_pk} no longer exists" in caplog.text
+    assert f"without a sender: user {bob_pk} no longer exists" in caplog.text
+    assert "bob@example.com" not in caplog.text
