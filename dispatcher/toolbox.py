@@ -15,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import update_wrapper
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -131,9 +130,6 @@ class ScheduleMessages:
     this process and returns the (message, dispatches) pairs; ``.delay()`` (or
     ``.apply_async(args, kwargs, **options)``) validates the call, publishes it as plain data
     and returns the AsyncResult: a worker of the default queue schedules it."""
-
-    def __init__(self) -> None:
-        update_wrapper(self, schedule)
 
     def __call__(
         self,
