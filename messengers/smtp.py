@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import smtplib
 import ssl
 from email.utils import make_msgid
@@ -42,7 +43,10 @@ class SMTPMessenger(MessengerBase):
         use_tls: bool | None = None,
         use_ssl: bool | None = None,
         timeout: float | None = None,
+        allow_plaintext_login: bool = False,
     ) -> None:
+        #: Send the login to a server without TLS that is not on loopback (off: refused).
+        self.allow_plaintext_login = allow_plaintext_login
         self._options = {
             "from_email": from_email,
             "login": login,
@@ -193,6 +197,14 @@ class SMTPMessenger(MessengerBase):
 
     def _connect(self) -> smtplib.SMTP:
         host, port, timeout = self._opt("host"), int(self._opt("port")), float(self._opt("timeout"))
+        encrypted = self._opt("use_tls") or self._opt("use_ssl")
+        if self._opt("login") and not encrypted and not self.allow_plaintext_login:
+            if not _is_loopback(host):
+                raise TemporaryDeliveryError(
+                    f"refusing to send the login of {self._opt('login')!r} in clear to SMTP "
+                    f"server {host}:{port}: set use_tls or use_ssl, or allow_plaintext_login=True",
+                    alias=self.alias,
+                )
         context = self._ssl_context()
         try:
             if self._opt("use_ssl"):
@@ -233,6 +245,15 @@ class SMTPMessenger(MessengerBase):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def ascii_address(address: str) -> str:

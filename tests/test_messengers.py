@@ -4,8 +4,10 @@ and what is special to SMTP: connection reuse, reconnects, reply codes."""
 from __future__ import annotations
 
 import smtplib
+import socket
 
 import pytest
+from aiosmtpd.smtp import AuthResult
 
 from dispatcher.models import Dispatch
 from messengers.base import alias_of
@@ -240,3 +242,41 @@ def test_a_failure_inside_a_transaction_resets_the_session_for_the_next_dispatch
     assert (rows["b@example.com"].status, rows["b@example.com"].attempts) == (Status.SENT, 1)
     assert sorted(sink.recipients()) == ["a@example.com", "b@example.com"]
     assert sink.sessions == 1  # reset, not reconnected
+
+
+@pytest.fixture
+def auth_server(smtp_servers, monkeypatch):
+    """A server without TLS that takes AUTH, reachable as smtp.plain.test (a name that is not
+    a loopback address as far as the messenger can tell)."""
+    logins: list[bytes] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append(auth_data.login)
+        return AuthResult(success=True)
+
+    server = smtp_servers(authenticator=authenticator, auth_require_tls=False)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        return real_getaddrinfo("127.0.0.1" if host == "smtp.plain.test" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return server, logins
+
+
+def test_a_login_is_never_sent_in_clear_to_a_remote_server(auth_server):
+    server, logins = auth_server
+    options = {"login": "user", "password": "secret", "port": server.port, "use_tls": False}
+    messenger = SMTPMessenger(host="smtp.plain.test", **options)
+    with pytest.raises(
+        TemporaryDeliveryError, match=r"refusing to send the login of 'user' in clear"
+    ):
+        messenger.send_test_message("a@example.com", "x")
+    assert logins == [] and server.sink.messages == []
+
+    SMTPMessenger(host="smtp.plain.test", allow_plaintext_login=True, **options).send_test_message(
+        "a@example.com", "opted in"
+    )
+    SMTPMessenger(host="127.0.0.1", **options).send_test_message("b@example.com", "loopback")
+    assert logins == [b"user", b"user"]
+    assert server.sink.recipients() == ["a@example.com", "b@example.com"]
