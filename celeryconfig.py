@@ -47,7 +47,7 @@ task_send_sent_event = True
 beat_schedule = {
     "sitemessage-sweep": {
         "task": SWEEP,
-        "schedule": conf.SWEEP_INTERVAL.get(),  # a Django setting, read when beat starts
+        "schedule": conf.SWEEP_INTERVAL.get(),  # a Django setting, read when this loads
         "options": {"queue": DEFAULT_QUEUE, "expires": 60},
     },
 }

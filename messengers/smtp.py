@@ -149,7 +149,7 @@ class SMTPMessenger(MessengerBase):
         try:
             sender, envelope_to = ascii_address(email.from_email), ascii_address(to)
             data = email.message().as_bytes(linesep="\r\n")
-        except (UnicodeError, ValueError) as exc:
+        except ValueError as exc:  # UnicodeError included
             raise PermanentDeliveryError(
                 f"cannot encode the e-mail to {to!r}: {exc}",
                 alias=self.alias,

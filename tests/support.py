@@ -83,6 +83,16 @@ class SMTPServer:
             controller.stop()
 
 
+def resolve_to_loopback(monkeypatch: Any, name: str) -> None:
+    """Makes the host name ``name`` resolve to 127.0.0.1 for this test (TLS still checks it)."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real_getaddrinfo("127.0.0.1" if host == name else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

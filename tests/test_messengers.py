@@ -4,7 +4,6 @@ and what is special to SMTP: connection reuse, reconnects, reply codes."""
 from __future__ import annotations
 
 import smtplib
-import socket
 
 import pytest
 from aiosmtpd.smtp import AuthResult
@@ -16,7 +15,7 @@ from messengers.registry import register_messenger_objects
 from sitemessage.messengers.smtp import SMTPMessenger
 from sitemessage.utils import MessengerBase
 from tests.contract import MessengerContract, deliver_now, errors_of
-from tests.support import SMTPSink
+from tests.support import SMTPSink, resolve_to_loopback
 
 Status = Dispatch.Status
 
@@ -255,12 +254,7 @@ def auth_server(smtp_servers, monkeypatch):
         return AuthResult(success=True)
 
     server = smtp_servers(authenticator=authenticator, auth_require_tls=False)
-    real_getaddrinfo = socket.getaddrinfo
-
-    def getaddrinfo(host, *args, **kwargs):
-        return real_getaddrinfo("127.0.0.1" if host == "smtp.plain.test" else host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    resolve_to_loopback(monkeypatch, "smtp.plain.test")
     return server, logins
 
 

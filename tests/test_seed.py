@@ -11,7 +11,6 @@
 
 import hashlib
 import re
-import socket
 import ssl
 import subprocess
 import textwrap
@@ -24,7 +23,7 @@ from django.contrib.auth import get_user_model
 from dispatcher import pipeline
 from dispatcher.models import Dispatch, DispatchError
 from messengers.registry import get_registered_messenger_object
-from tests.support import wait_until
+from tests.support import resolve_to_loopback, wait_until
 
 HERE = Path(__file__).resolve().parent
 SEED = HERE / "seed" / "messengers.rst"
@@ -82,12 +81,7 @@ def tls_smtp_server(tmp_path, monkeypatch, smtp_servers):
         authenticator=authenticator,
         auth_require_tls=True,
     )
-    real_getaddrinfo = socket.getaddrinfo
-
-    def getaddrinfo(host, *args, **kwargs):
-        return real_getaddrinfo("127.0.0.1" if host == "smtp.host.com" else host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    resolve_to_loopback(monkeypatch, "smtp.host.com")
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
     return server.sink, server.port, logins
 
