@@ -201,7 +201,11 @@ priorities = st.one_of(
 def valid_message(message: Any) -> bool:
     if isinstance(message, str):
         return storable_text(message)
-    if isinstance(message, PlainTextMessage | EmailTextMessage):
+    if isinstance(message, EmailTextMessage):  # its subject goes into a header: one line
+        subject = message.context.get("subject")
+        one_line = isinstance(subject, str) and "\r" not in subject and "\n" not in subject
+        return one_line and json_storable(message.context)
+    if isinstance(message, PlainTextMessage):
         return json_storable(message.context)
     return False
 
