@@ -77,6 +77,28 @@ class Dispatch(models.Model):
         return f"{self.messenger} dispatch #{self.pk} to {self.address} ({self.status})"
 
 
+class ScheduleRequest(models.Model):
+    """A ``schedule_messages.delay()`` call waiting for a worker: the transactional outbox.
+
+    Written in the caller's transaction, so a rollback sends nothing; only its id reaches the
+    broker, after commit. The worker that expands it into a message and its dispatches deletes
+    it in the same transaction, so it is expanded once however often its task is delivered.
+    """
+
+    #: The call as plain data (toolbox.encode_call): message types, contexts, recipients.
+    payload = models.JSONField()
+    time_created = models.DateTimeField(default=timezone.now, db_index=True)
+    #: Why the call could not be expanded (say, its message type is no longer registered);
+    #: such a request is kept for an operator and not tried again.
+    error = models.TextField(blank=True)
+
+    class Meta:
+        verbose_name = "schedule request"
+
+    def __str__(self) -> str:
+        return f"schedule request #{self.pk}" + (" (failed)" if self.error else "")
+
+
 class DispatchError(models.Model):
     """One failed delivery attempt of a dispatch."""
 

@@ -9,7 +9,9 @@ id twice is harmless because delivery claims rows atomically.
 - PENDING rows whose ``next_attempt_at`` passed (a publish lost at commit time, a broker that
   lost its queues) and ERROR rows whose retry is due are published again, and stay PENDING with
   a new ``next_attempt_at`` so the next sweep does not publish them again while they wait in a
-  queue.
+  queue;
+- schedule_messages.delay() calls stored but not expanded after SITEMESSAGE_REPUBLISH_AFTER
+  seconds (their publish was lost) are expanded here.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from messengers.exceptions import ScheduleError
+
 from . import conf
 from .messages import retry_limit
-from .models import Dispatch, DispatchError
-from .toolbox import publish_dispatches, republish_after
+from .models import Dispatch, DispatchError, ScheduleRequest
+from .toolbox import expand_schedule_request, publish_dispatches, republish_after
 
 Status = Dispatch.Status
 
 
 def sweep(priority: int | None = None) -> dict[str, int]:
     now = timezone.now()
+    expanded = expand_stale_requests(now)
     expired, failed = release_expired_leases(now)
     due = Dispatch.objects.filter(status__in=[Status.PENDING, Status.ERROR]).filter(
         Q(next_attempt_at__lte=now) | Q(next_attempt_at__isnull=True)
@@ -50,11 +55,28 @@ def sweep(priority: int | None = None) -> dict[str, int]:
             next_attempt_at=now
         )
     return {
+        "expanded": expanded,
         "expired": expired,
         "failed": failed,
         "published": len(rows) - len(unpublished),
         "unpublished": len(unpublished),
     }
+
+
+def expand_stale_requests(now: datetime) -> int:
+    """Expands the stored .delay() calls whose task never came; returns how many."""
+    stale = ScheduleRequest.objects.filter(error="", time_created__lte=now - republish_after())
+    expanded = 0
+    for pk in stale.order_by("pk").values_list("pk", flat=True)[:STALE_REQUESTS_PER_SWEEP]:
+        try:
+            expanded += bool(expand_schedule_request(pk))
+        except ScheduleError:
+            pass  # logged, and kept with its reason for an operator
+    return expanded
+
+
+#: Stale schedule requests one sweep expands (each may hold many recipients).
+STALE_REQUESTS_PER_SWEEP = 100
 
 
 def release_expired_leases(now: datetime) -> tuple[int, int]:

@@ -1,15 +1,14 @@
 """Celery tasks: thin wrappers, ids or plain data in, one function call, a summary out.
 
 Together with ``workers`` the only code that touches Celery. Tasks are published by name
-(``workers.broker``); their arguments are dispatch ids, or for schedule_messages.delay() the
-message types with their JSON contexts, addresses and user primary keys. What they return is
-counts only: Celery logs it, and Flower shows it.
+(``workers.broker``); their arguments are ids only: dispatch ids, or for
+schedule_messages.delay() the id of the stored call. What they return is counts only: Celery
+logs it, and Flower shows it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from celery import Task, shared_task
 
@@ -38,9 +37,9 @@ def send_dispatches(self: Task, alias: str, dispatch_ids: list[int]) -> dict[str
 
 
 @shared_task(name=SCHEDULE_MESSAGES, ignore_result=True)
-def schedule_messages(payload: dict[str, Any]) -> dict[str, int]:
-    """Runs a schedule_messages.delay() call."""
-    created = toolbox.schedule_encoded(payload)
+def schedule_messages(request_id: int) -> dict[str, int]:
+    """Expands a stored schedule_messages.delay() call into its messages and dispatches."""
+    created = toolbox.expand_schedule_request(request_id)
     return {"messages": len(created), "dispatches": sum(len(d) for _, d in created)}
 
 

@@ -3,14 +3,16 @@
 
 Everything is validated before anything is written: a call either stores the messages and all
 their dispatches, or raises a ScheduleError and leaves no row behind. Delivery tasks are
-published after commit through ``workers.broker``; ``.delay()`` publishes the call itself, as
-plain data, for ``dispatcher.tasks.schedule_messages`` to run in a worker.
+published after commit through ``workers.broker``. ``.delay()`` is a transactional outbox: it
+stores the validated call as one ScheduleRequest row in the caller's transaction and publishes
+only that row's id after commit, for ``dispatcher.tasks.schedule_messages`` to expand in a worker.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from workers import broker
 
 from . import conf
 from .messages import MessageBase, PlainTextMessage, get_registered_message_type
-from .models import Dispatch, Message
+from .models import Dispatch, Message, ScheduleRequest
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +130,9 @@ def schedule(
 class ScheduleMessages:
     """``schedule_messages(messages, recipients, sender=None, priority=None)`` schedules in
     this process and returns the (message, dispatches) pairs; ``.delay()`` (or
-    ``.apply_async(args, kwargs, **options)``) validates the call, publishes it as plain data
-    and returns the AsyncResult: a worker of the default queue schedules it."""
+    ``.apply_async(args, kwargs, **options)``) validates the call, stores it in the caller's
+    transaction and returns the AsyncResult of the task that a worker of the default queue
+    runs after commit (nothing is published if the transaction rolls back)."""
 
     def __call__(
         self,
@@ -144,7 +147,10 @@ class ScheduleMessages:
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args: Any = (), kwargs: Any = None, **options: Any) -> Any:
-        return broker.publish_schedule_request(encode_call(*args, **(kwargs or {})), **options)
+        request = ScheduleRequest.objects.create(payload=encode_call(*args, **(kwargs or {})))
+        task_id = str(options.pop("task_id", None) or uuid.uuid4())
+        transaction.on_commit(lambda: publish_schedule_request(request.pk, task_id, options))
+        return broker.result_of(task_id)
 
 
 schedule_messages = ScheduleMessages()
@@ -161,6 +167,40 @@ def encode_call(
         "sender": _user_pk(sender),
         "priority": priority,
     }
+
+
+def publish_schedule_request(pk: int, task_id: str, options: dict[str, Any]) -> bool:
+    """Publishes the id of a stored schedule request; an unreachable broker is logged, not
+    raised (the caller's transaction has committed): the sweep expands the request later."""
+    try:
+        broker.publish_schedule_request(pk, task_id=task_id, **options)
+    except broker.BROKER_ERRORS:
+        logger.exception("could not publish schedule request %s; the sweep will expand it", pk)
+        return False
+    return True
+
+
+def expand_schedule_request(pk: int) -> list[tuple[Message, list[Dispatch]]]:
+    """Turns a stored schedule request into its messages and dispatches, and deletes it, in one
+    transaction: a request is expanded once, however often its task arrives (deleting is the
+    claim: a concurrent expansion deletes nothing and stops). A request that cannot be
+    expanded (its message type is no longer registered, a messenger is gone) keeps its row
+    with the reason, and the error is raised."""
+    with transaction.atomic():
+        request = ScheduleRequest.objects.filter(pk=pk, error="").first()
+        if request is None or not ScheduleRequest.objects.filter(pk=pk, error="").delete()[0]:
+            logger.info("schedule request %s: already expanded", pk)
+            return []
+        try:
+            with transaction.atomic():
+                return schedule_encoded(request.payload)
+        except (ScheduleError, LookupError) as exc:
+            request.error = f"{type(exc).__name__}: {exc}"
+            request.save(force_insert=True)
+            # The reason may name an address: it stays in the row, out of logs and results.
+            reason = type(exc).__name__
+    logger.error("schedule request %s cannot be expanded (%s); see its row", pk, reason)
+    raise ScheduleError(f"schedule request {pk} cannot be expanded ({reason}); see its row")
 
 
 def schedule_encoded(payload: dict[str, Any]) -> list[tuple[Message, list[Dispatch]]]:

@@ -193,7 +193,13 @@ def test_sweep_releases_expired_leases_and_republishes(scripted, settings):
     )
     scripted.published.clear()
 
-    assert sweep.sweep() == {"expired": 1, "failed": 1, "published": 2, "unpublished": 0}
+    assert sweep.sweep() == {
+        "expanded": 0,
+        "expired": 1,
+        "failed": 1,
+        "published": 2,
+        "unpublished": 0,
+    }
     assert scripted.published == [{"scripted": [ids[0], ids[2]]}]
     statuses = [r.status for r in rows(ids)]
     assert statuses == [Status.PENDING, Status.FAILED, Status.PENDING, Status.ERROR]

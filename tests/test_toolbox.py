@@ -1,13 +1,22 @@
 """schedule_messages() and recipients(): what is stored, what is refused before anything is
-written, and schedule_messages.delay() through a real worker with the JSON serializer."""
+written, and schedule_messages.delay() (a transactional outbox) through a real broker and a
+real worker with the JSON serializer."""
+
+import json
+import queue
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
 
+from dispatcher import messages as dispatcher_messages
 from dispatcher.messages import register_message_types
-from dispatcher.models import Dispatch, DispatchError, Message
+from dispatcher.models import Dispatch, DispatchError, Message, ScheduleRequest
+from dispatcher.sweep import sweep
 from dispatcher.tasks import send_dispatches
-from dispatcher.toolbox import encode_call, schedule_encoded
+from dispatcher.toolbox import encode_call, expand_schedule_request, schedule_encoded
 from messengers.exceptions import (
     InvalidAddressError,
     InvalidContextError,
@@ -18,8 +27,9 @@ from messengers.exceptions import (
 from sitemessage.messages.base import MessageBase
 from sitemessage.messages.email import EmailHtmlMessage, EmailTextMessage
 from sitemessage.toolbox import recipients, schedule_messages
-from tests.support import wait_until
+from tests.support import purge, wait_until
 from workers.app import app
+from workers.queues import DEFAULT_QUEUE, SCHEDULE_MESSAGES
 
 pytestmark = pytest.mark.django_db
 
@@ -200,7 +210,7 @@ def test_schedule_messages_delay_with_a_message_object_a_user_and_an_address(
     start_worker, smtp_server
 ):
     sink, port = smtp_server
-    start_worker(["sitemessage", "messenger.smtp"], env={"EMAIL_PORT": str(port)})
+    worker = start_worker(["sitemessage", "messenger.smtp"], env={"EMAIL_PORT": str(port)})
     sender = get_user_model().objects.create(username="boss", email="boss@example.com")
     user = get_user_model().objects.create(username="ann", email="ann@example.com")
 
@@ -218,6 +228,115 @@ def test_schedule_messages_delay_with_a_message_object_a_user_and_an_address(
     assert wait_until(
         lambda: set(Dispatch.objects.values_list("status", flat=True)) == {"sent"}, 10
     )
+    assert not ScheduleRequest.objects.exists()  # expanded, and deleted with it
+    log = worker.text()
+    assert "dispatcher.schedule_messages" in log and "succeeded" in log
+    for private in ("example.com", "Hello"):  # the task's result is counts, not the message
+        assert private not in log
+
+
+def published_requests(timeout: float = 2.0) -> list[tuple[dict, list]]:
+    """Takes the schedule requests waiting in the default queue: (headers, [args, kwargs, _])."""
+    taken = []
+    with app.connection_for_read() as conn:
+        inbox = conn.SimpleQueue(DEFAULT_QUEUE)
+        try:
+            while True:
+                message = inbox.get(timeout=timeout)
+                message.ack()
+                taken.append((message.headers, message.decode()))
+                timeout = 0.5
+        except queue.Empty:
+            pass
+        finally:
+            inbox.close()
+    return [(h, body) for h, body in taken if h.get("task") == SCHEDULE_MESSAGES]
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_delay_publishes_only_the_id_of_the_stored_call_and_only_after_commit(user):
+    purge([DEFAULT_QUEUE])
+    with transaction.atomic():
+        schedule_messages.delay(
+            EmailTextMessage("Secret subject", "secret body"),
+            recipients("smtp", [user, "bob@example.com"]),
+        )
+        request = ScheduleRequest.objects.get()
+        assert published_requests(timeout=0.5) == []  # not before commit
+
+    [(headers, (args, kwargs, _))] = published_requests()
+    assert (args, kwargs) == ([request.pk], {})
+    wire = json.dumps([headers, args, kwargs])
+    for private in ("Secret", "secret", "example.com", "bob"):
+        assert private not in wire
+    assert request.payload["recipients"][1]["address"] == "bob@example.com"  # kept in the DB
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_delay_in_a_transaction_that_rolls_back_sends_nothing(user):
+    purge([DEFAULT_QUEUE])
+    with pytest.raises(RuntimeError), transaction.atomic():
+        schedule_messages.delay("Never", recipients("smtp", user))
+        raise RuntimeError("the view failed")
+
+    assert not ScheduleRequest.objects.exists()
+    assert published_requests(timeout=1.0) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_schedule_request_is_expanded_once(user, no_publish):
+    schedule_messages.delay("Once", recipients("smtp", [user, "b@example.com"]))
+    [request] = ScheduleRequest.objects.all()
+
+    [(message, dispatches)] = expand_schedule_request(request.pk)
+    assert expand_schedule_request(request.pk) == []  # the task delivered again
+
+    assert Message.objects.get() == message and Dispatch.objects.count() == 2
+    assert not ScheduleRequest.objects.exists()
+    assert [sorted(ids) for batch in no_publish for ids in batch.values()] == [
+        sorted(d.pk for d in dispatches)
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_that_cannot_be_expanded_keeps_its_reason_out_of_the_logs(
+    registries, caplog, no_publish
+):
+    class Gone(MessageBase):
+        alias = "gone_later"
+
+    register_message_types(Gone)
+    schedule_messages.delay(Gone({"x": 1}), recipients("smtp", "private@example.com"))
+    request = ScheduleRequest.objects.get()
+    del dispatcher_messages._message_types["gone_later"]  # a deploy removed the type meanwhile
+
+    with pytest.raises(ScheduleError, match=rf"schedule request {request.pk} cannot be expanded"):
+        expand_schedule_request(request.pk)
+
+    request.refresh_from_db()
+    assert "gone_later" in request.error
+    assert not Message.objects.exists() and not Dispatch.objects.exists()
+    assert "private@example.com" not in caplog.text
+    assert sweep()["expanded"] == 0  # not tried again and again
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweep_expands_a_request_whose_publish_was_lost(user, no_publish, monkeypatch):
+    from workers import broker
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionRefusedError("broker down")
+
+    monkeypatch.setattr(broker, "publish_schedule_request", broker_down)
+    schedule_messages.delay("Later", recipients("smtp", user))  # logged, kept for the sweep
+    assert sweep()["expanded"] == 0  # not stale yet: its task may still be on the way
+
+    ScheduleRequest.objects.update(time_created=timezone.now() - timedelta(hours=1))
+    assert sweep()["expanded"] == 1
+    assert Dispatch.objects.get().address == "ann@example.com"
+    assert not ScheduleRequest.objects.exists()
 
 
 @pytest.mark.e2e

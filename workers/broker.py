@@ -3,7 +3,7 @@ broker answers, and its URL (the rate limiter shares a Redis broker).
 
 Tasks are published by name through the current Celery app (ours, or a project's own app that
 serves our tasks), so this module never imports the tasks module, and the producer side needs
-none of the task code. Task arguments are data only: dispatch ids, or a schedule request.
+none of the task code. Task arguments are ids only: dispatch ids, or a schedule request's.
 """
 
 from __future__ import annotations
@@ -47,10 +47,15 @@ def enqueue(ids_by_messenger: dict[str, list[int]], batch_size: int) -> list[int
     return unpublished
 
 
-def publish_schedule_request(payload: dict[str, Any], **options: Any) -> Any:
-    """Publishes a schedule_messages() call for a worker of the default queue."""
+def publish_schedule_request(request_id: int, **options: Any) -> Any:
+    """Publishes the id of a stored schedule_messages() call for a worker of the default queue."""
     options.setdefault("queue", DEFAULT_QUEUE)
-    return current_app.send_task(SCHEDULE_MESSAGES, (), {"payload": payload}, **options)
+    return current_app.send_task(SCHEDULE_MESSAGES, (request_id,), **options)
+
+
+def result_of(task_id: str) -> Any:
+    """The AsyncResult of a task that is (or will be) published with this id."""
+    return current_app.AsyncResult(task_id)
 
 
 def check_broker(timeout: int) -> None:
