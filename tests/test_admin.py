@@ -1,17 +1,26 @@
-"""The Dispatch admin's "Retry now" action, posted by a logged-in superuser through Django's
-test client: what it resets, what it publishes on the real broker, and that a real worker then
-delivers the retried dispatch."""
+"""The admin, driven by logged-in users through Django's test client against the real database:
+the "Retry now" action (what it resets, what it publishes on the real broker, and that a real
+worker then delivers the retried dispatch), the "Cancel" action, and the forms that show
+delivery bookkeeping without letting anyone write, add or delete it."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 
 import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission
 from django.contrib.messages import ERROR, SUCCESS
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.forms.models import model_to_dict
 from django.urls import reverse
 from django.utils import timezone
 
-from dispatcher.models import Dispatch
+from dispatcher.admin import INLINE_DISPATCHES
+from dispatcher.models import Dispatch, Message
+from dispatcher.pipeline import claim
 from tests.faultsapp.helpers import drain, make_dispatch, published_ids
 from tests.support import free_port, purge, wait_until
 from workers.app import app
@@ -64,6 +73,8 @@ def test_retry_now_resets_failed_and_error_rows_and_publishes_them(admin_client)
     assert Dispatch.objects.get(pk=sent.pk).status == Status.SENT
     assert Dispatch.objects.get(pk=running.pk).lease_owner == "w:1:t"
     assert published_ids(drain(QUEUE)) == sorted([failed.pk, error.pk])
+    history = LogEntry.objects.filter(change_message='Action "Retry now"')
+    assert sorted(int(e.object_id) for e in history) == sorted([failed.pk, error.pk])
 
 
 @pytest.mark.django_db
@@ -128,3 +139,276 @@ def test_a_retried_dispatch_is_delivered_by_a_worker(admin_client, smtp_server, 
     assert row.attempts == 1
     assert sink.recipients() == ["back@example.com"]
     assert sink.messages[0][1]["Message-ID"] == row.provider_message_id
+
+
+# Delivery bookkeeping is view-only: no form writes a dispatch or a message, none adds one.
+
+CHANGE_FORM_POST = {
+    "messenger": "smtp",
+    "address": "attacker@example.net",
+    "status": Status.SENT,
+    "attempts": "0",
+    "next_attempt_at_0": "",
+    "next_attempt_at_1": "",
+    "lease_owner": "",
+    "lease_expires_at_0": "",
+    "lease_expires_at_1": "",
+    "provider_message_id": "forged",
+    "time_created_0": "2020-01-01",
+    "time_created_1": "00:00:00",
+    "sent_at_0": "",
+    "sent_at_1": "",
+    "message_cache": "a body nobody scheduled",
+    "errors-TOTAL_FORMS": "0",
+    "errors-INITIAL_FORMS": "0",
+    "errors-MIN_NUM_FORMS": "0",
+    "errors-MAX_NUM_FORMS": "1000",
+}
+
+
+@pytest.mark.django_db
+def test_the_dispatch_change_form_writes_nothing(admin_client):
+    dispatch = make_dispatch(Status.ERROR, message_cache="the rendered body")
+    url = reverse("admin:sitemessage_dispatch_change", args=[dispatch.pk])
+    before = model_to_dict(Dispatch.objects.get(pk=dispatch.pk))
+
+    page = admin_client.get(url)
+    response = admin_client.post(url, {**CHANGE_FORM_POST, "message": dispatch.message_id})
+
+    assert page.status_code == 200
+    assert 'name="address"' not in page.content.decode()
+    assert 'name="_save"' not in page.content.decode()
+    assert response.status_code == 403
+    assert model_to_dict(Dispatch.objects.get(pk=dispatch.pk)) == before
+
+
+@pytest.mark.django_db
+def test_the_message_change_form_writes_nothing(admin_client):
+    message = make_dispatch(Status.PENDING).message
+    url = reverse("admin:sitemessage_message_change", args=[message.pk])
+    before = model_to_dict(Message.objects.get(pk=message.pk))
+
+    response = admin_client.post(
+        url,
+        {
+            "cls": "email_plain",
+            "context": '{"subject": "rewritten", "stext_": "rewritten"}',
+            "priority": "9",
+            "time_created_0": "2020-01-01",
+            "time_created_1": "00:00:00",
+            "dispatches-TOTAL_FORMS": "1",
+            "dispatches-INITIAL_FORMS": "1",
+            "dispatches-MIN_NUM_FORMS": "0",
+            "dispatches-MAX_NUM_FORMS": "1000",
+            "dispatches-0-id": str(message.dispatches.get().pk),
+            "dispatches-0-message": str(message.pk),
+        },
+    )
+
+    assert response.status_code == 403
+    assert model_to_dict(Message.objects.get(pk=message.pk)) == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", ["dispatch", "message"])
+def test_nothing_is_added_by_hand(admin_client, model):
+    url = reverse(f"admin:sitemessage_{model}_add")
+    count = Dispatch.objects.count(), Message.objects.count()
+
+    assert admin_client.get(url).status_code == 403
+    assert admin_client.post(url, {**CHANGE_FORM_POST, "cls": "email_plain"}).status_code == 403
+    assert (Dispatch.objects.count(), Message.objects.count()) == count
+
+
+@pytest.mark.django_db
+def test_schedule_requests_are_listed_with_their_reason_and_never_edited(admin_client):
+    from dispatcher.models import ScheduleRequest
+
+    request = ScheduleRequest.objects.create(payload={"x": 1}, error="LookupError: type gone")
+    listing = admin_client.get(reverse("admin:sitemessage_schedulerequest_changelist"))
+    assert listing.status_code == 200 and "LookupError: type gone" in listing.content.decode()
+    url = reverse("admin:sitemessage_schedulerequest_change", args=[request.pk])
+    assert admin_client.post(url, {"payload": "{}", "error": ""}).status_code == 403
+    request.refresh_from_db()
+    assert (request.payload, request.error) == ({"x": 1}, "LookupError: type gone")
+
+
+@pytest.mark.django_db
+def test_the_message_page_shows_the_sender_without_listing_every_user(
+    admin_client, django_user_model
+):
+    django_user_model.objects.bulk_create(
+        django_user_model(username=f"user{n}") for n in range(300)
+    )
+    message = make_dispatch(Status.SENT).message
+    message.sender = django_user_model.objects.get(username="user7")
+    message.save()
+
+    page = admin_client.get(reverse("admin:sitemessage_message_change", args=[message.pk]))
+
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert 'name="sender"' not in html
+    assert html.count("<option") < 50
+    assert ">user7</a>" in html  # shown, and linked to the user's page
+
+
+@pytest.mark.django_db
+def test_the_message_page_lists_the_first_dispatches_and_links_to_all(admin_client):
+    message = make_dispatch(Status.SENT, address="r-first@example.com").message
+    Dispatch.objects.bulk_create(
+        Dispatch(message=message, messenger="smtp", address=f"r{n}@example.com")
+        for n in range(INLINE_DISPATCHES + 49)
+    )
+
+    page = admin_client.get(reverse("admin:sitemessage_message_change", args=[message.pk]))
+
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert html.count('class="form-row has_original"') == INLINE_DISPATCHES
+    assert "r-first@example.com" in html  # in order of creation
+    link = f"{reverse(CHANGELIST)}?message__id__exact={message.pk}"
+    assert f'<a href="{link}">all {INLINE_DISPATCHES + 50}</a>' in html
+    listing = admin_client.get(link)
+    assert listing.status_code == 200
+    assert listing.context["cl"].result_count == INLINE_DISPATCHES + 50
+
+
+@pytest.mark.django_db
+def test_deleting_bookkeeping_is_left_to_superusers(admin_client, client, django_user_model):
+    dispatch = make_dispatch(Status.FAILED)
+    staff = django_user_model.objects.create_user("clerk", password="pw", is_staff=True)
+    staff.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="sitemessage", codename__contains="_")
+    )
+    client.force_login(staff)
+    urls = [
+        reverse("admin:sitemessage_dispatch_delete", args=[dispatch.pk]),
+        reverse("admin:sitemessage_message_delete", args=[dispatch.message_id]),
+    ]
+
+    assert [client.post(url, {"post": "yes"}).status_code for url in urls] == [403, 403]
+    client.post(
+        reverse(CHANGELIST),
+        {"action": "delete_selected", "_selected_action": [dispatch.pk], "post": "yes"},
+    )
+    assert Dispatch.objects.filter(pk=dispatch.pk).exists()
+    assert [admin_client.get(url).status_code for url in urls] == [200, 200]
+
+
+# The "Cancel" action.
+
+
+def cancel(client, dispatches: list[Dispatch]) -> list[tuple[int, str]]:
+    response = client.post(
+        reverse(CHANGELIST),
+        {"action": "cancel", "_selected_action": [d.pk for d in dispatches]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    return [(m.level, m.message) for m in response.context["messages"]]
+
+
+@pytest.mark.pg  # select_for_update locks rows there; SQLite serializes the transaction
+@pytest.mark.django_db
+def test_cancel_fails_pending_and_error_rows_and_skips_the_rest(admin_client, admin_user):
+    later = timezone.now() + timedelta(hours=1)
+    pending = make_dispatch(Status.PENDING, attempts=0, next_attempt_at=timezone.now())
+    error = make_dispatch(Status.ERROR, attempts=2, next_attempt_at=later, errors=["4xx", "4xx"])
+    running = make_dispatch(
+        Status.PROCESSING, lease_owner="w:1:t", lease_expires_at=later, next_attempt_at=None
+    )
+    sent = make_dispatch(Status.SENT)
+    failed = make_dispatch(Status.FAILED, errors=["550"])
+    untouched = [model_to_dict(d) for d in (running, sent, failed)]
+
+    notes = cancel(admin_client, [pending, error, running, sent, failed])
+
+    assert notes == [
+        (
+            SUCCESS,
+            "2 dispatches cancelled; 3 skipped (only pending or error dispatches can be cancelled)",
+        )
+    ]
+    for dispatch, attempt in [(pending, 0), (error, 2)]:
+        row = Dispatch.objects.get(pk=dispatch.pk)
+        assert (row.status, row.attempts, row.next_attempt_at, row.lease_owner) == (
+            Status.FAILED,
+            attempt,
+            None,
+            "",
+        )
+        last = row.errors.order_by("pk").values_list("attempt", "exc_type", "error").last()
+        assert last == (attempt, "", "cancelled")
+        history = LogEntry.objects.get(object_id=str(dispatch.pk))
+        assert (history.user, history.get_change_message()) == (admin_user, 'Action "Cancel"')
+    assert [model_to_dict(Dispatch.objects.get(pk=d.pk)) for d in (running, sent, failed)] == (
+        untouched
+    )
+    assert failed.errors.count() == 1
+    # A task already queued for the cancelled dispatch finds nothing to claim.
+    assert claim("smtp", [pending.pk, error.pk], "w:2:t") == []
+
+
+@pytest.mark.django_db
+def test_cancel_is_refused_to_a_user_without_change_permission(client, django_user_model):
+    staff = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    staff.user_permissions.set(Permission.objects.filter(codename="view_dispatch"))
+    client.force_login(staff)
+    pending = make_dispatch(Status.PENDING)
+
+    response = client.post(
+        reverse(CHANGELIST), {"action": "cancel", "_selected_action": [pending.pk]}
+    )
+
+    assert response.status_code == 200  # the list, without the action
+    assert 'value="cancel"' not in response.content.decode()
+    assert Dispatch.objects.get(pk=pending.pk).status == Status.PENDING
+
+
+@pytest.mark.pg  # PostgreSQL reads past an uncommitted claim unless the row is locked
+@pytest.mark.django_db(transaction=True)
+def test_cancel_waits_for_a_claim_in_flight_and_skips_the_claimed_row(admin_client):
+    pending = make_dispatch(Status.PENDING)
+    claimed, release = threading.Event(), threading.Event()
+    worker = threading.Thread(target=claim_until, args=(pending.pk, claimed, release))
+    worker.start()
+    try:
+        assert claimed.wait(10)
+        threading.Timer(0.5, release.set).start()
+        started = time.monotonic()
+        notes = cancel(admin_client, [pending])
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        worker.join(10)
+
+    assert notes == [
+        (
+            SUCCESS,
+            "0 dispatches cancelled; 1 skipped (only pending or error dispatches can be cancelled)",
+        )
+    ]
+    assert waited >= 0.4
+    row = Dispatch.objects.get(pk=pending.pk)
+    assert (row.status, row.lease_owner) == (Status.PROCESSING, "w:9:t")
+    assert not row.errors.exists()
+
+
+def claim_until(pk: int, claimed: threading.Event, release: threading.Event) -> None:
+    """Claims a dispatch the way the pipeline does, on a connection of its own, and commits
+    only once ``release`` is set: a worker whose claim is in flight."""
+    conn = connections.create_connection(DEFAULT_DB_ALIAS)
+    try:
+        conn.set_autocommit(False)
+        with conn.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {conn.ops.quote_name(Dispatch._meta.db_table)} "
+                "SET status = %s, lease_owner = %s WHERE id = %s",
+                [Status.PROCESSING, "w:9:t", pk],
+            )
+        claimed.set()
+        release.wait(10)
+        conn.commit()
+    finally:
+        conn.close()
