@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
@@ -22,6 +22,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
+from messengers.base import ca_file_problem
 from messengers.exceptions import did_you_mean
 
 T = TypeVar("T")
@@ -44,6 +45,8 @@ class Setting(Generic[T]):
     optional: bool = False
     #: Prefixes a str value must start with.
     prefixes: tuple[str, ...] = ()
+    #: Further check of a value of the right kind: returns what is wrong with it, or None.
+    validator: Callable[[Any], str | None] | None = None
 
     @property
     def key(self) -> str:
@@ -77,6 +80,8 @@ class Setting(Generic[T]):
             return "must not be empty"
         if self.prefixes and not str(value).startswith(self.prefixes):
             return f"must start with {' or '.join(self.prefixes)}"
+        if self.validator is not None:
+            return self.validator(value)
         return None
 
     def parse(self, raw: str) -> Any:
@@ -161,6 +166,14 @@ SHORTCUT_EMAIL_MESSAGE_TYPE = Setting[str | None](
     "message type alias of schedule_email(); None: text or HTML by the message",
     optional=True,
 )
+CA_FILE = Setting[str | None](
+    "CA_FILE",
+    None,
+    str,
+    "PEM file of CA certificates every messenger trusts besides its usual ones",
+    optional=True,
+    validator=ca_file_problem,
+)
 
 #: Every setting, by its name without the prefix.
 SETTINGS: dict[str, Setting[Any]] = {
@@ -180,6 +193,7 @@ SETTINGS: dict[str, Setting[Any]] = {
         RATE_LIMIT_MAX_WAIT,
         SHORTCUT_EMAIL_MESSENGER_TYPE,
         SHORTCUT_EMAIL_MESSAGE_TYPE,
+        CA_FILE,
     )
 }
 

@@ -10,20 +10,28 @@ from __future__ import annotations
 
 import contextvars
 import re
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .exceptions import DeliveryError, InvalidAddressError
+from django.conf import settings
+
+from .exceptions import DeliveryError, InvalidAddressError, MessengerConfigurationError
 
 if TYPE_CHECKING:
+    import requests
+
     from dispatcher.messages import MessageBase
     from dispatcher.models import Dispatch, Message
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 #: Longest address a dispatch row can hold.
 MAX_ADDRESS_LENGTH = 255
+#: The setting naming a PEM file of CA certificates that every builtin messenger trusts in
+#: addition to its usual ones (declared, and checked at startup, in dispatcher/conf.py).
+CA_FILE_SETTING = "SITEMESSAGE_CA_FILE"
 
 
 @dataclass(frozen=True)
@@ -239,3 +247,60 @@ def cool_down(messenger: MessengerBase) -> None:
 
 def unmarked(dispatches: Iterable[Any]) -> list[Any]:
     return [d for d in dispatches if getattr(d, "outcome", None) is None]
+
+
+def ca_file_problem(path: str, context: ssl.SSLContext | None = None) -> str | None:
+    """Loads the CA certificates of the PEM file ``path`` into ``context`` (default: a
+    throw-away one, to check the file); returns why that failed, or None."""
+    context = context or ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    before = context.cert_store_stats()["x509"]
+    try:
+        context.load_verify_locations(cafile=path)
+    except FileNotFoundError:
+        return "names no file"
+    except IsADirectoryError:
+        return "names a directory, not a PEM file"
+    except ssl.SSLError as exc:
+        return f"is not a PEM file of certificates ({exc.reason or exc})"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if context.cert_store_stats()["x509"] == before:
+        return "holds no certificate"
+    return None
+
+
+def tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """A client SSLContext that verifies the server's certificate chain and host name against
+    the system's CAs (``cafile``: that bundle instead) plus those of SITEMESSAGE_CA_FILE when
+    it is set, read now. Raises MessengerConfigurationError when that file does not load."""
+    context = ssl.create_default_context(cafile=cafile)
+    path = getattr(settings, CA_FILE_SETTING, None)
+    if path is not None:
+        problem = ca_file_problem(path, context)
+        if problem:
+            raise MessengerConfigurationError(f"{CA_FILE_SETTING} {problem}, got {path!r}")
+    return context
+
+
+def use_tls_context(session: requests.Session) -> None:
+    """When SITEMESSAGE_CA_FILE is set, makes ``session`` verify HTTPS servers against
+    requests' own CA bundle (certifi) plus that file; otherwise leaves it as requests made it.
+    Called when an HTTP messenger opens its session; raises as tls_context() does."""
+    if getattr(settings, CA_FILE_SETTING, None) is None:
+        return
+    # Imported here: only the HTTP messengers need requests.
+    from requests.adapters import HTTPAdapter
+    from requests.utils import DEFAULT_CA_BUNDLE_PATH
+
+    context = tls_context(cafile=DEFAULT_CA_BUNDLE_PATH)
+
+    class Adapter(HTTPAdapter):
+        # requests' verify=<path> would replace its bundle; a pool's SSLContext adds to it.
+        # Connections through a proxy get their pools from proxy_manager_for().
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **{**kwargs, "ssl_context": context})
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            return super().proxy_manager_for(proxy, **{**kwargs, "ssl_context": context})
+
+    session.mount("https://", Adapter())

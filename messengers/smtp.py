@@ -14,7 +14,7 @@ from django.core.mail import EmailMessage
 from django.core.mail.utils import DNS_NAME
 from django.core.validators import validate_email
 
-from .base import MessengerBase
+from .base import MessengerBase, tls_context
 from .exceptions import InvalidAddressError, PermanentDeliveryError, TemporaryDeliveryError
 
 if TYPE_CHECKING:
@@ -235,8 +235,9 @@ class SMTPMessenger(MessengerBase):
         return conn
 
     def _ssl_context(self) -> ssl.SSLContext:
-        # Verifies the server's certificate and host name (SSL_CERT_FILE adds a private CA).
-        context = ssl.create_default_context()
+        # Verifies the server's certificate and host name: the system's CAs and those of
+        # SITEMESSAGE_CA_FILE.
+        context = tls_context()
         if settings.EMAIL_SSL_CERTFILE:
             context.load_cert_chain(settings.EMAIL_SSL_CERTFILE, settings.EMAIL_SSL_KEYFILE)
         return context

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from .base import MessengerBase
+from .base import MessengerBase, use_tls_context
 from .exceptions import (
     DeliveryError,
     InvalidAddressError,
@@ -117,6 +117,7 @@ class TelegramMessenger(MessengerBase):
     def _ensure_session(self) -> requests.Session:
         if self._session is None:
             session = requests.Session()
+            use_tls_context(session)
             if self.proxy:
                 session.proxies.update({"http": self.proxy, "https": self.proxy})
             self._session = session

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 import tweepy
 
-from .base import MessengerBase
+from .base import MessengerBase, use_tls_context
 from .exceptions import (
     DeliveryError,
     InvalidAddressError,
@@ -122,6 +122,7 @@ class TwitterMessenger(MessengerBase):
                 wait_on_rate_limit=False,  # a task never sleeps: the pipeline retries later
             )
             client.session = _RoutedSession(self.base_url, self.timeout)
+            use_tls_context(client.session)
             self._client = client
         return self._client
 

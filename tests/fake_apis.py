@@ -16,6 +16,7 @@ import json
 import random
 import re
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -117,11 +118,23 @@ class FakeAPI:
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
+        #: "https" once use_tls() was called.
+        self.scheme = "http"
+
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """Serves HTTPS with ``context`` (a server context with its certificate); call it
+        before start(). The handshake runs in the connection's handler thread, so a client
+        that refuses the certificate reaches neither the API nor its counters but
+        ``connections``."""
+        self._server.socket = context.wrap_socket(
+            self._server.socket, server_side=True, do_handshake_on_connect=False
+        )
+        self.scheme = "https"
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self.scheme}://{host!s}:{port}"
 
     def start(self) -> None:
         self._thread.start()
@@ -302,7 +315,7 @@ class FakeX(FakeAPI):
             return "timestamp out of range"
         params = [(k, v) for k, v in oauth.items() if k not in ("oauth_signature", "realm")]
         params += parse_qsl(query, keep_blank_values=True)
-        base_url = f"http://{headers.get('Host', '').lower()}{path}"
+        base_url = f"{self.scheme}://{headers.get('Host', '').lower()}{path}"
         expected = oauth1_signature(
             method, base_url, params, self.api_secret, self.access_token_secret
         )
