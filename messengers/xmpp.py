@@ -6,6 +6,11 @@ marked sent only once the server acknowledged it with XEP-0198 stream management
 server bounced is failed (or retried, for an error of type ``wait``), and one still unacknowledged
 when the session dropped or the wait ran out is retried, so nothing unacknowledged is ever
 reported as sent. A dropped session is replaced by a fresh login on the next batch.
+
+A server without stream management is refused, unless ``require_stream_management=False``: then
+each batch ends with a ping, and a message sent before the server answered it (and not bounced
+by then) is marked sent with the provider id ``UNCONFIRMED + stanza id``: the answer shows that
+the server read the message, not that it handled it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from slixmpp import JID, ClientXMPP
 from slixmpp.jid import InvalidJID
 from slixmpp.stanza import Message as Stanza
 
-from .base import MessengerBase
+from .base import MessengerBase, tls_context
 from .exceptions import (
     DeliveryError,
     InvalidAddressError,
@@ -38,6 +43,8 @@ if TYPE_CHECKING:
 
 #: Seconds a login, the acknowledgement of one batch, or a logout may take.
 TIMEOUT = 10.0
+#: Prefix of the provider id of a dispatch sent without stream management (not acknowledged).
+UNCONFIRMED = "unconfirmed:"
 
 # slixmpp logs every stanza at DEBUG: message bodies and, with SASL PLAIN, the password.
 logging.getLogger("slixmpp.xmlstream.xmlstream").setLevel(logging.INFO)
@@ -64,7 +71,15 @@ class XMPPSleekMessenger(MessengerBase):
         port: int = 5222,
         use_tls: bool = True,
         use_ssl: bool = False,
+        require_stream_management: bool = True,
     ) -> None:
+        if not isinstance(require_stream_management, bool):
+            raise MessengerConfigurationError(
+                f"messenger {self.alias!r}: require_stream_management must be True or False, "
+                f"got {require_stream_management!r}"
+            )
+        #: Refuse a server without XEP-0198 (off: deliver to it without acknowledgement).
+        self.require_stream_management = require_stream_management
         try:
             JID(from_jid)
         except InvalidJID as exc:
@@ -133,12 +148,14 @@ class XMPPSleekMessenger(MessengerBase):
             return
         items = [(d.pk, stanza_id, d.address, d.message_cache) for stanza_id, d in ready.items()]
         with self._lock:
-            errors = self._run(self._connect().deliver(items), TIMEOUT + 2)
+            session = self._connect()
+            errors = self._run(session.deliver(items), TIMEOUT + 2)
+        prefix = "" if session.acknowledges else UNCONFIRMED
         for stanza_id, dispatch in ready.items():
             if stanza_id in errors:
                 self.mark_exception(dispatch, errors[stanza_id])
             else:
-                self.mark_sent(dispatch, provider_id=stanza_id)
+                self.mark_sent(dispatch, provider_id=prefix + stanza_id)
 
     def _test_message(self, to: str, text: str) -> str:
         self.validate_address(to)
@@ -148,7 +165,7 @@ class XMPPSleekMessenger(MessengerBase):
             errors = self._run(session.deliver([(None, stanza_id, to, text)]), TIMEOUT + 2)
         if stanza_id in errors:
             raise errors[stanza_id]
-        return stanza_id
+        return stanza_id if session.acknowledges else UNCONFIRMED + stanza_id
 
     def _connect(self) -> _Session:
         """Returns the logged-in session, logging in when there is none or it dropped."""
@@ -158,17 +175,20 @@ class XMPPSleekMessenger(MessengerBase):
             dead, self._session = self._session, None
             if dead is not None:
                 self._run(dead.close(), TIMEOUT + 1)
+            if self._ssl_context is None:  # here, so a bad CA file raises in the caller
+                # Verifies certificate and host name against the system's CAs and those of
+                # SITEMESSAGE_CA_FILE; loading it takes ~50 ms, so once.
+                self._ssl_context = tls_context()
             self._session = self._run(self._login(), TIMEOUT + 1)
         return self._session
 
     async def _login(self) -> _Session:
-        if self._ssl_context is None:  # verifies certificate and host name; loading it takes ~50 ms
-            self._ssl_context = ssl.create_default_context()
         client = ClientXMPP(self.from_jid, self._password, ssl_context=self._ssl_context)
         # No resumption: a resumed stream would resend what we already reported as not sent.
         # One ack request per batch (deliver() sends it): asking every 5 stanzas, slixmpp's
         # default, costs two thirds of the throughput.
         client.register_plugin("xep_0198", {"allow_resume": False, "window": 1000})
+        client.register_plugin("xep_0199")  # the end-of-batch ping without stream management
         client.enable_direct_tls = self.use_ssl
         client.enable_starttls = self.use_tls and not self.use_ssl
         client.enable_plaintext = not (self.use_tls or self.use_ssl)
@@ -208,10 +228,11 @@ class XMPPSleekMessenger(MessengerBase):
         try:
             async with asyncio.timeout(TIMEOUT):
                 await done
-            if "stream_management" not in client.features:
+            acknowledges = "stream_management" in client.features
+            if not acknowledges and self.require_stream_management:
                 raise TemporaryDeliveryError(
                     f"{where} did not enable stream management (XEP-0198): without it, delivery "
-                    "cannot be confirmed",
+                    "cannot be confirmed (require_stream_management=False delivers anyway)",
                     alias=self.alias,
                 )
         except BaseException as exc:
@@ -222,7 +243,15 @@ class XMPPSleekMessenger(MessengerBase):
                     alias=self.alias,
                 ) from None
             raise
-        return _Session(client, self.alias)
+        if not acknowledges:
+            logger.warning(
+                "%s offers no stream management (XEP-0198): messenger %s delivers without "
+                "acknowledgement (require_stream_management=False); provider ids start with %r",
+                where,
+                self.alias,
+                UNCONFIRMED,
+            )
+        return _Session(client, self.alias, acknowledges)
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         assert self._loop is not None
@@ -262,10 +291,12 @@ class XMPPSleekMessenger(MessengerBase):
 
 
 class _Session:
-    """One logged-in client and what the server acknowledged or bounced; loop thread only."""
+    """One logged-in client and what the server acknowledged or bounced; loop thread only.
+    ``acknowledges``: with stream management; without it, ``acked`` holds what was sent before
+    the server answered the end-of-batch ping."""
 
-    def __init__(self, client: ClientXMPP, alias: str | None) -> None:
-        self.client, self.alias = client, alias
+    def __init__(self, client: ClientXMPP, alias: str | None, acknowledges: bool) -> None:
+        self.client, self.alias, self.acknowledges = client, alias, acknowledges
         self.alive = True
         self.acked: set[str] = set()
         self.bounced: dict[str, Stanza] = {}
@@ -278,7 +309,8 @@ class _Session:
         self, items: Sequence[tuple[int | None, str, str, str]]
     ) -> dict[str, DeliveryError]:
         """Sends (dispatch id, stanza id, to, body) items and waits for the server's
-        acknowledgement; returns the error of every item that was not delivered."""
+        acknowledgement (without stream management: its answer to a ping); returns the error
+        of every item that was not delivered."""
         if self.alive:
             for _, stanza_id, to, body in items:
                 message = self.client.make_message(mto=to, mbody=body, mtype="chat")
@@ -288,29 +320,45 @@ class _Session:
         try:
             async with asyncio.timeout(TIMEOUT):
                 await self.client.waiting_queue.join()
-                if self.alive:
+                if self.alive and self.acknowledges:
                     self.client.plugin["xep_0198"].request_ack()
+                elif self.alive and await self._ping():
+                    self.acked |= wanted
                 while self.alive and not wanted <= self.acked:
                     self.changed.clear()
                     await self.changed.wait()
         except TimeoutError:
-            logger.warning("XMPP server did not acknowledge in %ss: logging in again", TIMEOUT)
+            logger.warning("XMPP server did not answer in %ss: logging in again", TIMEOUT)
             self.client.abort()
             self.alive = False
         errors: dict[str, DeliveryError] = {}
+        unanswered = "acknowledge the message" if self.acknowledges else "answer the ping"
         for dispatch_id, stanza_id, _, _ in items:
             bounce = self.bounced.pop(stanza_id, None)
             if bounce is not None:
                 errors[stanza_id] = _bounce_error(bounce, self.alias, dispatch_id)
             elif stanza_id not in self.acked:
                 errors[stanza_id] = TemporaryDeliveryError(
-                    "the XMPP server did not acknowledge the message before the session ended",
+                    f"the XMPP server did not {unanswered} before the session ended",
                     alias=self.alias,
                     dispatch_id=dispatch_id,
                 )
         self.acked -= wanted
         self.bounced.clear()  # bounces of earlier batches came too late to matter
         return errors
+
+    async def _ping(self) -> bool:
+        """Pings the server; returns whether it answered before the session ended. An answer
+        comes after the bounces of the messages sent before the ping, on the same stream."""
+        ping = asyncio.ensure_future(self.client.plugin["xep_0199"].ping(timeout=TIMEOUT))
+        ping.add_done_callback(lambda _: self.changed.set())
+        try:
+            while self.alive and not ping.done():
+                self.changed.clear()
+                await self.changed.wait()
+        finally:
+            ping.cancel()  # a no-op once it is done
+        return self.alive and ping.done() and not ping.cancelled() and ping.exception() is None
 
     async def close(self) -> None:
         """Sends what is queued, ends the stream, and stops the client's tasks."""

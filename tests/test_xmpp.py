@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,11 @@ from dispatcher.messages import PlainTextMessage
 from dispatcher.models import Dispatch, DispatchError
 from dispatcher.sweep import sweep
 from messengers import xmpp
-from messengers.exceptions import InvalidAddressError, TemporaryDeliveryError
+from messengers.exceptions import (
+    InvalidAddressError,
+    MessengerConfigurationError,
+    TemporaryDeliveryError,
+)
 from messengers.registry import register_messenger_objects
 from sitemessage.messengers.xmpp import XMPPSleekMessenger
 from sitemessage.toolbox import recipients, schedule_messages
@@ -24,6 +30,7 @@ from tests.contract import MessengerContract
 from tests.support import free_port, wait_until
 from tests.xmpp_server import ACCOUNTS, DOMAIN, PASSWORD, SENDER, Prosody, Recipient
 from tests.xmpp_server import prosody as prosody
+from tests.xmpp_server import prosody_no_smacks as prosody_no_smacks
 from tests.xmpp_server import prosody_tls as prosody_tls
 
 Status = Dispatch.Status
@@ -35,22 +42,33 @@ def texts_of(client: Recipient) -> list[str]:
     return [body.removesuffix("\n") for body in client.received()]
 
 
-def make_messenger(server: Prosody, password: str = PASSWORD) -> XMPPSleekMessenger:
-    return XMPPSleekMessenger(SENDER, password, host="127.0.0.1", port=server.port, use_tls=False)
+def make_messenger(server: Prosody, password: str = PASSWORD, **options: Any) -> XMPPSleekMessenger:
+    return XMPPSleekMessenger(
+        SENDER, password, host="127.0.0.1", port=server.port, use_tls=False, **options
+    )
 
 
-@pytest.fixture
-def online(prosody: Prosody) -> Iterator[dict[str, Recipient]]:
-    """The recipients, logged in and present."""
+def logged_in(server: Prosody, addresses: list[str] = ADDRESSES) -> Iterator[dict[str, Recipient]]:
+    """The recipients, logged in and present on ``server``."""
     clients: dict[str, Recipient] = {}
     try:
-        for address in ADDRESSES:
+        for address in addresses:
             user = address.split("@")[0]
-            clients[address] = Recipient(address, ACCOUNTS[user], prosody.port).connect()
+            clients[address] = Recipient(address, ACCOUNTS[user], server.port).connect()
         yield clients
     finally:
         for client in clients.values():
             client.close()
+
+
+@pytest.fixture
+def online(prosody: Prosody) -> Iterator[dict[str, Recipient]]:
+    yield from logged_in(prosody)
+
+
+@pytest.fixture
+def online_no_smacks(prosody_no_smacks: Prosody) -> Iterator[dict[str, Recipient]]:
+    yield from logged_in(prosody_no_smacks)
 
 
 @pytest.fixture
@@ -209,6 +227,123 @@ class TestDelivery:
         assert online[ADDRESSES[2]].received() == ["probe"]  # as it is: no template
 
 
+@pytest.fixture
+def unconfirmed(prosody_no_smacks: Prosody) -> Iterator[XMPPSleekMessenger]:
+    """A messenger that may deliver without acknowledgement, pointed at a server without
+    stream management."""
+    messenger = make_messenger(prosody_no_smacks, require_stream_management=False)
+    try:
+        yield messenger
+    finally:
+        messenger.after_send()
+
+
+def unconfirmed_notes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "without acknowledgement" in r.getMessage()]
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("in_process")
+class TestWithoutStreamManagement:
+    """A server without XEP-0198: refused by default; require_stream_management=False delivers
+    to it and records the dispatches as sent but not confirmed."""
+
+    def test_is_refused_by_default_with_a_clear_error(self, prosody_no_smacks, online_no_smacks):
+        messenger = make_messenger(prosody_no_smacks)
+        try:
+            with pytest.raises(TemporaryDeliveryError) as info:
+                messenger.before_send()
+            [row] = deliver_now(messenger, ["not without acknowledgement"], ADDRESSES[:1])
+        finally:
+            messenger.after_send()
+        message = str(info.value)
+        assert "did not enable stream management (XEP-0198)" in message
+        assert "require_stream_management=False" in message  # says how to opt in
+        assert row.status == Status.ERROR
+        assert "stream management" in DispatchError.objects.get(dispatch=row).error
+        for client in online_no_smacks.values():
+            client.sync()
+            assert client.received() == []
+
+    def test_on_request_messages_arrive_and_are_recorded_unconfirmed(
+        self, unconfirmed, online_no_smacks, caplog
+    ):
+        caplog.set_level(logging.WARNING, logger="messengers.xmpp")
+        rows = deliver_now(unconfirmed, ["first"], ADDRESSES)
+        rows += deliver_now(unconfirmed, ["second", "third ✓"], ADDRESSES)
+
+        assert {row.status for row in rows} == {Status.SENT}
+        assert [row.provider_message_id for row in rows] == [
+            f"{xmpp.UNCONFIRMED}sitemessage.{row.message_id}.{row.pk}" for row in rows
+        ]
+        assert xmpp.UNCONFIRMED == "unconfirmed:"  # documented in README
+        for address, client in online_no_smacks.items():
+            client.sync()
+            assert texts_of(client) == ["first", "second", "third ✓"], address
+        [note] = unconfirmed_notes(caplog)  # once per session, not per batch
+        assert "require_stream_management=False" in note
+        assert PASSWORD not in note and SENDER not in note
+        assert not any(address in note for address in ADDRESSES)
+
+    def test_a_bounce_before_the_ping_answer_fails_its_dispatch_only(
+        self, unconfirmed, online_no_smacks
+    ):
+        nobody = f"nobody@{DOMAIN}"
+        rows = deliver_now(unconfirmed, ["hi"], [ADDRESSES[0], nobody, ADDRESSES[1]])
+        statuses = {row.address: row.status for row in rows}
+        assert statuses == {
+            ADDRESSES[0]: Status.SENT,
+            nobody: Status.FAILED,
+            ADDRESSES[1]: Status.SENT,
+        }
+        [bounced] = [row for row in rows if row.address == nobody]
+        assert "service-unavailable" in DispatchError.objects.get(dispatch=bounced).error
+        assert bounced.provider_message_id == ""
+
+    def test_a_server_that_does_not_answer_gets_nothing_marked_sent(
+        self, unconfirmed, online_no_smacks, prosody_no_smacks, monkeypatch
+    ):
+        monkeypatch.setattr(xmpp, "TIMEOUT", 1.0)
+        unconfirmed.before_send()
+        assert prosody_no_smacks.proc is not None
+        os.kill(prosody_no_smacks.proc.pid, signal.SIGSTOP)  # alive, but it answers nothing
+        try:
+            rows = deliver_now(unconfirmed, ["into the void"], ADDRESSES[:2])
+        finally:
+            os.kill(prosody_no_smacks.proc.pid, signal.SIGCONT)
+        assert {row.status for row in rows} == {Status.ERROR}
+        errors = DispatchError.objects.filter(dispatch__in=rows)
+        assert all("did not answer the ping" in e.error for e in errors), [e.error for e in errors]
+
+        [row] = deliver_now(unconfirmed, ["later"], ADDRESSES[:1])  # logs in again
+        assert row.status == Status.SENT
+
+    def test_send_test_message_says_unconfirmed(self, unconfirmed, online_no_smacks):
+        provider_id = unconfirmed.send_test_message(ADDRESSES[2], "probe")
+        assert provider_id.startswith(xmpp.UNCONFIRMED)
+        online_no_smacks[ADDRESSES[2]].sync()
+        assert online_no_smacks[ADDRESSES[2]].received() == ["probe"]
+
+    def test_a_server_with_stream_management_is_still_acknowledged(self, prosody, online, caplog):
+        caplog.set_level(logging.WARNING, logger="messengers.xmpp")
+        messenger = make_messenger(prosody, require_stream_management=False)
+        try:
+            rows = deliver_now(messenger, ["acknowledged"], ADDRESSES)
+        finally:
+            messenger.after_send()
+        assert {row.status for row in rows} == {Status.SENT}
+        assert not any(row.provider_message_id.startswith(xmpp.UNCONFIRMED) for row in rows)
+        assert unconfirmed_notes(caplog) == []
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_require_stream_management_takes_only_a_bool(value):
+    with pytest.raises(MessengerConfigurationError) as info:
+        XMPPSleekMessenger(SENDER, PASSWORD, require_stream_management=value)
+    assert f"require_stream_management must be True or False, got {value!r}" in str(info.value)
+    assert "xmppsleek" in str(info.value)
+
+
 @pytest.mark.parametrize(
     "address", ["not a jid", DOMAIN, "a@b@c", "@nodomain", f"rcpt0@{DOMAIN}\n"]
 )
@@ -226,24 +361,24 @@ ADDRESSES_E2E = [f"rcpt{i}@{DOMAIN}" for i in range(5)]
 
 @pytest.fixture
 def five_online(prosody: Prosody) -> Iterator[list[Recipient]]:
-    clients = []
-    try:
-        for address in ADDRESSES_E2E:
-            user = address.split("@")[0]
-            clients.append(Recipient(address, ACCOUNTS[user], prosody.port).connect())
-        yield clients
-    finally:
-        for client in clients:
-            client.close()
+    for clients in logged_in(prosody, ADDRESSES_E2E):
+        yield list(clients.values())
 
 
-def worker_env(server: Prosody, password: str = PASSWORD) -> dict[str, str]:
+@pytest.fixture
+def five_online_no_smacks(prosody_no_smacks: Prosody) -> Iterator[list[Recipient]]:
+    for clients in logged_in(prosody_no_smacks, ADDRESSES_E2E):
+        yield list(clients.values())
+
+
+def worker_env(server: Prosody, password: str = PASSWORD, **extra: Any) -> dict[str, str]:
     options = {
         "from_jid": SENDER,
         "password": password,
         "host": "127.0.0.1",
         "port": server.port,
         "use_tls": False,
+        **extra,
     }
     return {
         "SITEMESSAGE_MESSENGERS": json.dumps({"xmppsleek": {"options": options}}),
@@ -333,3 +468,30 @@ def test_wrong_password_through_a_worker(prosody, five_online, start_worker, reg
         assert "wrong-secret" not in error.error
     assert "wrong-secret" not in worker.text()
     assert all(not client.received() for client in five_online)
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_500_messages_without_stream_management_through_a_worker(
+    prosody_no_smacks, five_online_no_smacks, start_worker, registries
+):
+    # The option as SITEMESSAGE_MESSENGERS carries it: JSON false.
+    env = worker_env(prosody_no_smacks, require_stream_management=False)
+    worker = start_worker(["messenger.xmppsleek"], env=env)
+    started = time.monotonic()
+    texts = schedule_500(prosody_no_smacks)
+
+    assert wait_until(lambda: sent() == 500, timeout=60), Counter(
+        Dispatch.objects.values_list("status", flat=True)
+    )
+    for client in five_online_no_smacks:
+        assert client.wait_for(N_MESSAGES, timeout=10)
+    elapsed = time.monotonic() - started
+    print(f"\n500 unacknowledged XMPP messages through a worker in {elapsed:.2f}s")
+    for client in five_online_no_smacks:
+        client.sync()
+        assert sorted(texts_of(client)) == texts, client.jid  # each exactly once
+    ids = Dispatch.objects.values_list("provider_message_id", flat=True)
+    assert all(i.startswith(xmpp.UNCONFIRMED) for i in ids)
+    assert "delivers without acknowledgement" in worker.text()
+    assert PASSWORD not in worker.text()

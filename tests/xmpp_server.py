@@ -4,8 +4,9 @@ what it receives.
 prosody runs in the foreground with a throw-away config under tmp_path: c2s on 127.0.0.1 at a
 free port, no s2s, no TLS (the messenger is built with use_tls=False; ``prosody_tls`` is the
 same server requiring STARTTLS with a self-signed certificate), plain-text accounts
-created with prosodyctl, stream management (mod_smacks) and offline storage, so messages sent
-while a recipient is away (a server restart) reach it when it is back.
+created with prosodyctl, stream management (mod_smacks; ``prosody_no_smacks`` is the same
+server without it) and offline storage, so messages sent while a recipient is away (a server
+restart) reach it when it is back.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ c2s_ports = {{ {port} }}
 c2s_direct_tls_ports = {{ }}
 legacy_ssl_ports = {{ }}
 s2s_ports = {{ }}
-modules_enabled = {{ "roster", "saslauth", "smacks", "offline", "disco", "ping", "tls" }}
+modules_enabled = {{ "roster", "saslauth", {smacks}"offline", "disco", "ping", "tls" }}
 authentication = "internal_plain"
 allow_unencrypted_plain_auth = true
 {tls}
@@ -60,7 +61,7 @@ ssl = {{ certificate = "{dir}/certs/{domain}.crt", key = "{dir}/certs/{domain}.k
 class Prosody:
     """One prosody process; ``restart()`` keeps its accounts and offline messages."""
 
-    def __init__(self, directory: Path, tls: bool = False) -> None:
+    def __init__(self, directory: Path, tls: bool = False, smacks: bool = True) -> None:
         if not shutil.which("prosody"):
             pytest.skip("prosody is not installed (apt-get install -y prosody)")
         self.dir, self.port = directory, free_port()
@@ -79,7 +80,13 @@ class Prosody:
             )  # fmt: skip
         extra = TLS.format(dir=directory, domain=DOMAIN) if tls else NO_TLS
         self.config.write_text(
-            CONFIG.format(dir=directory, port=self.port, domain=DOMAIN, tls=extra)
+            CONFIG.format(
+                dir=directory,
+                port=self.port,
+                domain=DOMAIN,
+                tls=extra,
+                smacks='"smacks", ' if smacks else "",
+            )
         )
         self.proc: subprocess.Popen[bytes] | None = None
         for user, password in ACCOUNTS.items():
@@ -143,6 +150,17 @@ def prosody(tmp_path: Path) -> Iterator[Prosody]:
 def prosody_tls(tmp_path: Path) -> Iterator[Prosody]:
     """A prosody that requires STARTTLS, with a self-signed certificate."""
     server = Prosody(tmp_path / "prosody-tls", tls=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prosody_no_smacks(tmp_path: Path) -> Iterator[Prosody]:
+    """A prosody without stream management (XEP-0198): it never acknowledges a stanza."""
+    server = Prosody(tmp_path / "prosody-no-smacks", smacks=False)
     server.start()
     try:
         yield server
