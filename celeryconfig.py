@@ -1,9 +1,11 @@
 """Celery settings of sitemessage (https://docs.celeryq.dev/en/stable/userguide/configuration.html).
 
-Timing invariant, largest first: broker visibility timeout (3600 s) > dispatch lease
-(SITEMESSAGE_LEASE_SECONDS, 600 s) > task hard time limit (300 s) > soft limit (240 s) > every
-network timeout inside a task (SMTP/HTTP/XMPP timeouts, 10-30 s). A task is killed before its
-lease can expire, and the broker never redelivers a task that is still running.
+Timing invariant, largest first: broker visibility timeout (3600 s) > task hard time limit
+(300 s) > soft limit (240 s) > every network timeout inside a task (SMTP/HTTP/XMPP timeouts,
+10-30 s): the broker never redelivers a task that is still running. The dispatch lease
+(SITEMESSAGE_LEASE_SECONDS, 30 s) is renewed by the running task every third of it, so it
+outlives no process: a killed worker's dispatches are free within one lease, and the task
+redelivered with the same id takes them back at once (dispatcher/pipeline.py).
 """
 
 import os

@@ -106,7 +106,11 @@ MESSENGERS = Setting[dict[str, Any]](
 )
 BATCH_SIZE = Setting[int]("BATCH_SIZE", 100, int, "dispatch ids per delivery task", minimum=1)
 LEASE_SECONDS = Setting[float](
-    "LEASE_SECONDS", 600, float, "how long a worker owns a claimed dispatch", minimum=0.001
+    "LEASE_SECONDS",
+    30,
+    float,
+    "how long a claim holds without renewal (a running batch renews it every third of this)",
+    minimum=0.001,
 )
 RETRY_BACKOFF = Setting[float](
     "RETRY_BACKOFF", 30, float, "seconds before the first retry; doubles per attempt", minimum=0
@@ -136,10 +140,17 @@ DB_RETRY_SECONDS = Setting[float](
     minimum=0,
 )
 SWEEP_INTERVAL = Setting[float](
-    "SWEEP_INTERVAL", 30, float, "seconds between two sweeps (beat)", minimum=0.1
+    "SWEEP_INTERVAL", 10, float, "seconds between two sweeps (beat)", minimum=0.1
 )
 SWEEP_LIMIT = Setting[int](
     "SWEEP_LIMIT", 10000, int, "most dispatches one sweep publishes", minimum=1
+)
+MAX_MESSAGE_SIZE = Setting[int](
+    "MAX_MESSAGE_SIZE",
+    5 * 1024 * 1024,
+    int,
+    "largest message context, in bytes of JSON, that scheduling accepts",
+    minimum=1,
 )
 RATE_LIMIT_REDIS_URL = Setting[str | None](
     "RATE_LIMIT_REDIS_URL",
@@ -189,6 +200,7 @@ SETTINGS: dict[str, Setting[Any]] = {
         DB_RETRY_SECONDS,
         SWEEP_INTERVAL,
         SWEEP_LIMIT,
+        MAX_MESSAGE_SIZE,
         RATE_LIMIT_REDIS_URL,
         RATE_LIMIT_MAX_WAIT,
         SHORTCUT_EMAIL_MESSENGER_TYPE,

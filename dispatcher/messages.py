@@ -40,6 +40,10 @@ class MessageBase:
     #: Context keys whose values messengers put into a header: refused at scheduling unless
     #: they are one line of text.
     header_fields: tuple[str, ...] = ()
+    #: Whether the body differs per recipient (the template uses ``dispatch_model``,
+    #: ``recipient`` or ``address``). False: rendered once per message and batch, without any
+    #: recipient's data, shared by every dispatch and not stored per dispatch.
+    has_dynamic_context: bool = False
 
     def __init__(self, context: dict[str, Any] | None = None, template_path: str | None = None):
         self.context: dict[str, Any] = dict(context or {})
@@ -65,15 +69,17 @@ class MessageBase:
         return context
 
     @classmethod
-    def render(cls, message_model: Message, dispatch: Dispatch) -> str:
-        """Renders the body for one dispatch; the template sees the message context plus
-        ``message_model``, ``dispatch_model``, ``recipient`` (a user or None) and ``address``."""
+    def render(cls, message_model: Message, dispatch: Dispatch | None) -> str:
+        """Renders the body for one dispatch, or (``dispatch`` None, for a type without a
+        dynamic context) the body all recipients share. The template sees the message context
+        plus ``message_model``, ``dispatch_model``, ``recipient`` (a user or None) and
+        ``address`` (the last three None in a shared body)."""
         context = dict(cls.get_template_context(dict(message_model.context or {})))
         context.update(
             message_model=message_model,
             dispatch_model=dispatch,
-            recipient=dispatch.recipient,
-            address=dispatch.address,
+            recipient=dispatch.recipient if dispatch else None,
+            address=dispatch.address if dispatch else None,
         )
         return render_to_string(cls.get_template(context), context)
 

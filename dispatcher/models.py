@@ -57,11 +57,15 @@ class Dispatch(models.Model):
     provider_message_id = models.CharField(max_length=255, blank=True)
     time_created = models.DateTimeField(default=timezone.now)
     sent_at = models.DateTimeField(null=True, blank=True)
-    #: The body rendered for this recipient, kept so a retry sends the same text.
+    #: The body rendered for this recipient, kept so a retry sends the same text; empty when
+    #: the message type renders one body for all recipients (it is rendered again instead).
     message_cache = models.TextField(blank=True)
 
     #: Set by the messenger's mark_*() calls during a batch; never stored as such.
     outcome: Any = None
+    #: True while ``message_cache`` holds the body shared by the message's recipients (in
+    #: memory only: one string for the whole batch, not stored per dispatch).
+    body_shared: bool = False
 
     class Meta:
         verbose_name = "dispatch"

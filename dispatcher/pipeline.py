@@ -2,7 +2,9 @@
 
 Claiming is one UPDATE: only PENDING rows, and ERROR rows whose retry is due, become PROCESSING
 under this run's lease. Rows claimed by another run or already sent are skipped, so a task that
-the broker delivers twice sends nothing twice. A SENT outcome is written the moment the
+the broker delivers twice sends nothing twice; rows a dead process held for the same task id are
+taken back at once. The lease is short and renewed while the batch runs (LeaseKeeper), so the
+rows of a worker that died are free again within one lease. A SENT outcome is written the moment the
 messenger marks it, so a worker killed mid-batch loses the record of at most the dispatch it was
 sending (the one duplicate a receiver may see); failures are written in small chunks, since
 losing one of those costs only an extra attempt. Database errors (a restart, a locked SQLite)
@@ -18,6 +20,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ from messengers.registry import get_registered_messenger_object
 
 from . import conf
 from .messages import MessageBase, get_registered_message_type, retry_limit
-from .models import Dispatch, DispatchError
+from .models import Dispatch, DispatchError, Message
 from .ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
     if not dispatches:
         return recorder.result
     token = outcome_listener.set(recorder.add)
+    keeper = LeaseKeeper(owner)
     try:
         try:
             messenger = get_registered_messenger_object(alias)
@@ -92,13 +96,15 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
                 dispatch, f"messenger {alias} returned without marking the dispatch"
             )
     finally:
+        keeper.stop()
         outcome_listener.reset(token)
         recorder.flush()
     return recorder.result
 
 
 def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
-    """Takes the claimable rows among ``dispatch_ids`` for ``owner``; returns them."""
+    """Takes the claimable rows among ``dispatch_ids`` for ``owner``, and those a dead process
+    of this host held for the same run (see take_back); returns them."""
     now = timezone.now()
     claimable = Dispatch.objects.filter(pk__in=dispatch_ids, messenger=alias).filter(
         Q(status=Status.PENDING) | Q(status=Status.ERROR, next_attempt_at__lte=now)
@@ -109,12 +115,119 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
         lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
         attempts=F("attempts") + 1,
     )
+    taken += take_back(alias, dispatch_ids, owner, now)
     logger.debug("%s: claimed %d of %d dispatches", alias, taken, len(dispatch_ids))
-    return list(
+    dispatches = list(
         Dispatch.objects.filter(pk__in=dispatch_ids, status=Status.PROCESSING, lease_owner=owner)
-        .select_related("message", "recipient")
+        .select_related("recipient")
         .order_by("message_id", "pk")
     )
+    # One Message object per message, not one copy of its context per dispatch.
+    messages = Message.objects.in_bulk({d.message_id for d in dispatches})
+    for dispatch in dispatches:
+        dispatch.message = messages[dispatch.message_id]
+    return dispatches
+
+
+def take_back(alias: str, dispatch_ids: list[int], owner: str, now: datetime) -> int:
+    """Takes over the rows that a process which died mid-batch held for this same run.
+
+    A task whose worker process was killed is delivered again with the same task id (acks_late
+    with task_reject_on_worker_lost, or a broker that requeues a dead consumer's messages); the
+    rows its first run claimed carry that id in their lease owner. Waiting for their lease to
+    expire would keep those recipients waiting; instead the new run takes them back at once,
+    but only from a process of this host that is gone, so a live run never loses its rows.
+    Rows held on another host are left to the lease and the sweep. Each is an interrupted
+    attempt, logged as WorkerLost.
+    """
+    parts = owner.split(":", 2)
+    if len(parts) != 3:  # not a lease_owner() name: nothing to recognise
+        return 0
+    host, _, run = parts
+    held = Dispatch.objects.filter(
+        pk__in=dispatch_ids,
+        messenger=alias,
+        status=Status.PROCESSING,
+        lease_owner__endswith=f":{run}",
+    ).exclude(lease_owner=owner)
+    dead = {
+        previous
+        for previous in held.values_list("lease_owner", flat=True).distinct()
+        if previous.split(":", 2)[0] == host and not _process_alive(previous.split(":", 2)[1])
+    }
+    if not dead:
+        return 0
+    rows = list(held.filter(lease_owner__in=dead).values_list("pk", "attempts", "lease_owner"))
+    taken = held.filter(pk__in=[pk for pk, _, _ in rows], lease_owner__in=dead).update(
+        lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
+        attempts=F("attempts") + 1,
+    )
+    DispatchError.objects.bulk_create(
+        DispatchError(
+            dispatch_id=pk,
+            attempt=attempts,
+            exc_type="WorkerLost",
+            error=f"{previous} died mid-batch; its run was delivered again and took it back",
+            time_created=now,
+        )
+        for pk, attempts, previous in rows
+    )
+    logger.warning("%s: took back %d dispatches from a dead process of this run", alias, taken)
+    return taken
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether a process of this host runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # no /proc: ask the kernel
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError):
+            return True
+        return True
+
+
+class LeaseKeeper:
+    """Renews this run's lease every third of SITEMESSAGE_LEASE_SECONDS while the batch runs,
+    from a thread of its own, so a slow send never loses the lease, and a lease can be short:
+    when the process dies, renewal stops and its rows are free again within one lease."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.seconds = conf.LEASE_SECONDS.get()
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+        # Inside a transaction (a test's, or a caller's), other connections cannot see the
+        # claimed rows, so a renewal could not find them; it would only wait for the lock.
+        if not connection.in_atomic_block:
+            self.thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.wait(self.seconds / 3):
+                with_db_retry(self.renew)
+        except Exception:
+            logger.exception("lease renewal of %s stopped", self.owner)
+        finally:
+            connection.close()  # this thread's own connection
+
+    def renew(self) -> int:
+        return Dispatch.objects.filter(status=Status.PROCESSING, lease_owner=self.owner).update(
+            lease_expires_at=timezone.now() + timedelta(seconds=self.seconds)
+        )
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 def _send_message(messenger: Any, dispatches: list[Dispatch], limiter: RateLimiter | None) -> None:
@@ -125,16 +238,7 @@ def _send_message(messenger: Any, dispatches: list[Dispatch], limiter: RateLimit
         for dispatch in dispatches:
             messenger.mark_error(dispatch, exc)
         return
-    ready = []
-    for dispatch in dispatches:
-        if not dispatch.message_cache:
-            try:
-                dispatch.message_cache = message_cls.render(message_model, dispatch)
-            except Exception as exc:
-                logger.warning("rendering dispatch %s failed: %r", dispatch.pk, exc)
-                messenger.mark_error(dispatch, exc)
-                continue
-        ready.append(dispatch)
+    ready = _render(messenger, message_cls, message_model, dispatches)
     if limiter is None:
         _send(messenger, message_cls, message_model, ready)
         return
@@ -151,6 +255,30 @@ def _send_message(messenger: Any, dispatches: list[Dispatch], limiter: RateLimit
                 record_outcome(rest, Outcome("deferred", retry_after=wait))
             return
         _send(messenger, message_cls, message_model, [dispatch])
+
+
+def _render(
+    messenger: Any, message_cls: type[MessageBase], message_model: Any, dispatches: list[Dispatch]
+) -> list[Dispatch]:
+    """Gives each dispatch its body (kept from an earlier attempt, rendered for it, or the one
+    body of a type without a dynamic context); returns those that have one."""
+    shared: str | None = None
+    ready = []
+    for dispatch in dispatches:
+        if not dispatch.message_cache:
+            try:
+                if message_cls.has_dynamic_context:
+                    dispatch.message_cache = message_cls.render(message_model, dispatch)
+                else:
+                    if shared is None:
+                        shared = message_cls.render(message_model, None)
+                    dispatch.message_cache, dispatch.body_shared = shared, True
+            except Exception as exc:
+                logger.warning("rendering dispatch %s failed: %r", dispatch.pk, exc)
+                messenger.mark_error(dispatch, exc)
+                continue
+        ready.append(dispatch)
+    return ready
 
 
 def _send(
@@ -188,7 +316,7 @@ class Recorder:
 
     def _write_sent(self, dispatch: Dispatch) -> None:
         apply_outcome(dispatch, dispatch.outcome, timezone.now())
-        fields = {name: getattr(dispatch, name) for name in _OUTCOME_FIELDS}
+        fields = {name: getattr(dispatch, name) for name in outcome_fields(dispatch)}
         owned = with_db_retry(
             lambda: Dispatch.objects.filter(
                 pk=dispatch.pk, status=Status.PROCESSING, lease_owner=self.owner
@@ -218,7 +346,10 @@ class Recorder:
                     )
                     .values_list("pk", flat=True)
                 )
-                Dispatch.objects.bulk_update([d for d in pending if d.pk in owned], _OUTCOME_FIELDS)
+                for shared in (False, True):
+                    rows = [d for d in pending if d.pk in owned and d.body_shared is shared]
+                    if rows:
+                        Dispatch.objects.bulk_update(rows, outcome_fields(rows[0]))
                 DispatchError.objects.bulk_create([e for pk, e in errors.items() if pk in owned])
             return owned
 
@@ -265,6 +396,12 @@ _OUTCOME_FIELDS = [
     "lease_expires_at",
     "message_cache",
 ]
+_SHARED_BODY_FIELDS = [name for name in _OUTCOME_FIELDS if name != "message_cache"]
+
+
+def outcome_fields(dispatch: Dispatch) -> list[str]:
+    """The fields an outcome writes: a body shared by all recipients is not stored per row."""
+    return _SHARED_BODY_FIELDS if dispatch.body_shared else _OUTCOME_FIELDS
 
 
 def apply_outcome(dispatch: Dispatch, outcome: Outcome, now: datetime) -> DispatchError | None:

@@ -326,11 +326,17 @@ def checked_context(message: MessageBase) -> dict[str, Any]:
             "levels deep"
         )
     try:
-        text = json.dumps(context, allow_nan=False)
+        text = json.dumps(context, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InvalidContextError(
             f"context of {message.get_alias()!r} is not JSON: {exc}"
         ) from None
+    size, limit = len(text.encode(errors="surrogatepass")), conf.MAX_MESSAGE_SIZE.get()
+    if size > limit:
+        raise InvalidContextError(
+            f"context of {message.get_alias()!r} is {size} bytes of JSON, more than "
+            f"SITEMESSAGE_MAX_MESSAGE_SIZE ({limit})"
+        )
     result = json.loads(text)
     problem = _unstorable_text(result)
     if problem:

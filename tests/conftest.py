@@ -116,3 +116,34 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def start_beat(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts one `celery -A workers beat` (the sweep every SITEMESSAGE_SWEEP_INTERVAL seconds,
+    from ``env`` or the default); stops it after."""
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str] | None = None) -> WorkerProcess:
+        log = tmp_path / f"beat-{len(started)}.log"
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "workers", "beat", "-l", "INFO",
+            "-s", str(tmp_path / f"beat-schedule-{len(started)}"),
+            "--pidfile", str(tmp_path / f"beat-{len(started)}.pid"),
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=worker_env(env), stdout=out, stderr=subprocess.STDOUT
+            )
+        beat = WorkerProcess(proc, log, "beat")
+        started.append(beat)
+        deadline = time.monotonic() + 60
+        while "beat: Starting..." not in beat.text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"beat did not start:\n{beat.text()[-3000:]}")
+            time.sleep(0.1)
+        return beat
+
+    yield start
+    for beat in started:
+        beat.stop()

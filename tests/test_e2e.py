@@ -72,3 +72,23 @@ def test_a_queue_whose_messenger_the_worker_lacks_ends_failed_and_reported(
     assert report.returncode == 1
     assert "ghost: 2 failed" in report.stdout
     assert "UnknownMessengerError: messenger 'ghost' is not registered in worker" in report.stdout
+
+
+def test_a_large_message_is_rendered_once_and_its_body_not_stored_per_recipient(
+    smtp_server, start_worker
+):
+    sink, port = smtp_server
+    start_worker(["messenger.smtp"], env={"EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(port)})
+    text = "".join(f"line {i:07d} of a large newsletter\n" for i in range(30_000))  # ~1 MB
+    addresses = [f"reader{i}@example.com" for i in range(20)]
+
+    schedule_messages(EmailTextMessage("Newsletter", text), recipients("smtp", addresses))
+
+    sink.wait_for(20, timeout=60)
+    assert sorted(sink.recipients()) == sorted(addresses)
+    for _, email in sink.messages:
+        assert email.get_payload(decode=True).decode().replace("\r\n", "\n") == text
+    assert wait_until(
+        lambda: Dispatch.objects.filter(status=Dispatch.Status.SENT).count() == 20, timeout=30
+    )
+    assert set(Dispatch.objects.values_list("message_cache", flat=True)) == {""}

@@ -3,6 +3,7 @@ backoff, leases."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -14,7 +15,11 @@ from dispatcher import pipeline, sweep, toolbox
 from dispatcher.messages import PlainTextMessage, register_message_types
 from dispatcher.models import Dispatch, DispatchError
 from messengers import registry
-from messengers.exceptions import PermanentDeliveryError, TemporaryDeliveryError
+from messengers.exceptions import (
+    InvalidContextError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
 from messengers.registry import register_messenger_objects
 from sitemessage.utils import MessengerBase
 
@@ -238,3 +243,135 @@ def test_a_messenger_not_registered_in_the_worker_fails_its_dispatches_naming_it
         assert "messenger 'scripted' is not registered in worker host:123:task-1" in error.error
         assert "'smtp'" in error.error  # what it does know
     assert sweep.sweep()["published"] == 0  # nothing left for the sweep to publish forever
+
+
+class Counted(PlainTextMessage):
+    """Counts its renderings; per recipient when ``has_dynamic_context`` says so."""
+
+    alias = "counted"
+    renders: list[str | None] = []
+
+    @classmethod
+    def render(cls, message_model, dispatch):
+        cls.renders.append(dispatch.address if dispatch else None)
+        return f"body for {dispatch.address}" if dispatch else "one body for all"
+
+
+class CountedPerRecipient(Counted):
+    alias = "counted_dynamic"
+    has_dynamic_context = True
+
+
+register_message_types(Counted, CountedPerRecipient)
+
+
+def test_a_body_without_dynamic_context_is_rendered_once_shared_and_not_stored(scripted):
+    Counted.renders = []
+    ids = schedule([f"u{i}" for i in range(30)], Counted("x"))
+    bodies: list[str] = []
+    messages: list[Any] = []
+
+    def script(messenger, dispatches):
+        bodies.extend(d.message_cache for d in dispatches)
+        messages.extend(d.message for d in dispatches)
+        for dispatch in dispatches[:10]:
+            messenger.mark_sent(dispatch)
+        for dispatch in dispatches[10:]:
+            messenger.mark_error(dispatch, "try later")
+
+    scripted.script = script
+    pipeline.deliver("scripted", ids, "run-1")
+
+    assert Counted.renders == [None]  # once, and without any recipient's dispatch
+    assert bodies == ["one body for all"] * 30
+    assert len({id(body) for body in bodies}) == 1  # one string in memory, not 30
+    assert len({id(message) for message in messages}) == 1  # one Message, not 30 copies
+    assert {d.message_cache for d in rows(ids)} == {""}  # nothing stored per dispatch
+    assert Counter(d.status for d in rows(ids)) == {Status.SENT: 10, Status.ERROR: 20}
+
+
+def test_a_body_with_dynamic_context_is_rendered_and_kept_per_recipient(scripted):
+    Counted.renders = []
+    ids = schedule(["a", "b"], CountedPerRecipient("x"))
+    scripted.script = lambda messenger, ds: [messenger.mark_error(d, "later") for d in ds]
+
+    pipeline.deliver("scripted", ids, "run-1")
+    assert Counted.renders == ["a", "b"]
+    assert [d.message_cache for d in rows(ids)] == ["body for a", "body for b"]
+
+    Dispatch.objects.filter(pk__in=ids).update(next_attempt_at=timezone.now())
+    pipeline.deliver("scripted", ids, "run-2")
+    assert Counted.renders == ["a", "b"]  # a retry sends the stored text, not a new one
+
+
+def test_a_message_larger_than_the_limit_is_refused_before_anything_is_written(settings):
+    settings.SITEMESSAGE_MAX_MESSAGE_SIZE = 1000
+    toolbox.schedule(PlainTextMessage("é" * 400), toolbox.recipients("smtp", "a@example.com"))
+    with pytest.raises(InvalidContextError, match=r"is 1\d\d\d bytes of JSON, more than "
+                       r"SITEMESSAGE_MAX_MESSAGE_SIZE \(1000\)"):  # fmt: skip
+        toolbox.schedule(PlainTextMessage("é" * 500), toolbox.recipients("smtp", "a@b.example"))
+    assert Dispatch.objects.count() == 1
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_redelivered_run_takes_back_at_once_what_its_dead_process_held(scripted):
+    import os
+
+    ids = schedule(["a", "b", "c", "d", "e"])
+    host = pipeline.lease_owner("x").split(":")[0]
+    holders = [
+        f"{host}:{dead_pid()}:task-1",  # this run's first delivery, killed: taken back
+        f"{host}:{dead_pid()}:task-1",
+        f"{host}:{os.getppid()}:task-1",  # same run, but its process still runs: kept
+        f"elsewhere:{dead_pid()}:task-1",  # another host: cannot tell, left to the lease
+        f"{host}:{dead_pid()}:task-2",  # another run: not this task's to take
+    ]
+    lease = timezone.now() + timedelta(minutes=5)
+    for pk, holder in zip(ids, holders, strict=True):
+        Dispatch.objects.filter(pk=pk).update(
+            status=Status.PROCESSING, lease_owner=holder, lease_expires_at=lease, attempts=1
+        )
+
+    result = pipeline.deliver("scripted", ids, pipeline.lease_owner("task-1"))
+
+    assert (result.claimed, result.sent) == (2, 2)
+    after = rows(ids)
+    assert [d.status for d in after] == [Status.SENT] * 2 + [Status.PROCESSING] * 3
+    assert [d.attempts for d in after[:2]] == [2, 2]
+    assert [d.lease_owner for d in after[2:]] == holders[2:]
+    lost = DispatchError.objects.filter(exc_type="WorkerLost")
+    assert sorted(lost.values_list("dispatch_id", "attempt")) == [(ids[0], 1), (ids[1], 1)]
+    assert holders[0] in lost.values_list("error", flat=True)[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_running_batch_renews_its_short_lease_so_the_sweep_leaves_it_alone(scripted, settings):
+    import time
+
+    settings.SITEMESSAGE_LEASE_SECONDS = 0.6
+    ids = schedule(["slow"])
+    seen: list[Any] = []
+
+    def script(messenger, dispatches):
+        time.sleep(1.5)  # a slow send: more than two leases
+        seen.append(sweep.release_expired_leases(timezone.now()))
+        lease_end = Dispatch.objects.get(pk=ids[0]).lease_expires_at
+        assert lease_end is not None
+        seen.append(lease_end - timezone.now())
+        messenger.mark_sent(dispatches[0])
+
+    scripted.script = script
+    result = pipeline.deliver("scripted", ids, pipeline.lease_owner("slow-run"))
+
+    assert seen[0] == (0, 0)  # nothing expired: the lease was renewed meanwhile
+    assert timedelta(0) < seen[1] <= timedelta(seconds=0.6)
+    assert result.sent == 1 and rows(ids)[0].status == Status.SENT
+    assert not DispatchError.objects.exists()

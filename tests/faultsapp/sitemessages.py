@@ -1,10 +1,11 @@
-"""A poison message type: rendering it always raises, so its dispatches can only fail."""
+"""Message types for fault tests and benchmarks: a poison type (rendering always raises, so its
+dispatches can only fail) and an e-mail type rendered per recipient."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dispatcher.messages import MessageBase, register_message_types
+from dispatcher.messages import EmailTextMessage, MessageBase, register_message_types
 
 
 class PoisonRenderError(RuntimeError):
@@ -21,4 +22,12 @@ class PoisonMessage(MessageBase):
         raise PoisonRenderError(f"message {message_model.pk}: this message type cannot render")
 
 
-register_message_types(PoisonMessage)
+class PerRecipientEmail(EmailTextMessage):
+    """A plain-text e-mail rendered, and stored, once per recipient (a dynamic context)."""
+
+    alias = "email_per_recipient"
+    template = "sitemessage/messages/email_plain.txt"
+    has_dynamic_context = True
+
+
+register_message_types(PoisonMessage, PerRecipientEmail)
