@@ -79,7 +79,7 @@ def run(message_type: str, size: int) -> tuple[int, int, int, float]:
         message = message_cls("Large newsletter", text)
         started = time.perf_counter()
         schedule_messages(message, recipients("smtp", [f"r{i}@example.com" for i in range(N)]))
-        while Dispatch.objects.filter(status=Dispatch.Status.SENT).count() < N:
+        while Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() < N:
             error = DispatchError.objects.first()
             if error is not None or time.perf_counter() - started > 600:
                 raise SystemExit(f"{message_type}: not delivered: {error or 'timeout'}")

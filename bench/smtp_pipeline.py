@@ -79,7 +79,7 @@ def pipeline(port: int, var_dir: str) -> float:
             EmailTextMessage("Bench", "Numbers are up."),
             recipients("smtp", [f"u{i}@example.com" for i in range(N)]),
         )
-        while Dispatch.objects.filter(status=Dispatch.Status.SENT).count() < N:
+        while Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() < N:
             if time.perf_counter() - started > 300:
                 raise SystemExit("pipeline did not finish in 300 s")
             time.sleep(0.05)

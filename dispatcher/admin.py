@@ -64,7 +64,7 @@ class FirstDispatches(BaseInlineFormSet):
 class DispatchInline(ViewOnly, admin.TabularInline):
     model = Dispatch
     formset = FirstDispatches
-    fields = ("messenger", "address", "status", "attempts", "sent_at")
+    fields = ("messenger", "address", "dispatch_status", "retry_count", "sent_at")
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -88,7 +88,7 @@ class MessageAdmin(ViewOnly, admin.ModelAdmin):
 
 class DispatchErrorInline(ViewOnly, admin.TabularInline):
     model = DispatchError
-    readonly_fields = ("attempt", "exc_type", "error", "time_created")
+    readonly_fields = ("attempt", "exc_type", "error_log", "time_created")
     extra = 0
     can_delete = False
 
@@ -99,12 +99,12 @@ class DispatchAdmin(ViewOnly, admin.ModelAdmin):
         "pk",
         "messenger",
         "address",
-        "status",
-        "attempts",
+        "dispatch_status",
+        "retry_count",
         "next_attempt_at",
         "sent_at",
     )
-    list_filter = ("status", "messenger")
+    list_filter = ("dispatch_status", "messenger")
     search_fields = ("address", "provider_message_id")
     inlines = [DispatchErrorInline]
     actions = ["retry_now", "cancel"]
@@ -115,13 +115,13 @@ class DispatchAdmin(ViewOnly, admin.ModelAdmin):
         them at once; delivery claims them like any other pending dispatch."""
         with transaction.atomic():
             rows = list(
-                queryset.filter(status__in=[Status.FAILED, Status.ERROR])
+                queryset.filter(dispatch_status__in=[Status.FAILED, Status.ERROR])
                 .select_for_update()
                 .values_list("pk", "messenger")
             )
             Dispatch.objects.filter(pk__in=[pk for pk, _ in rows]).update(
-                status=Status.PENDING,
-                attempts=0,
+                dispatch_status=Status.PENDING,
+                retry_count=0,
                 next_attempt_at=timezone.now(),
                 lease_owner="",
                 lease_expires_at=None,
@@ -154,14 +154,14 @@ class DispatchAdmin(ViewOnly, admin.ModelAdmin):
         now = timezone.now()
         with transaction.atomic():
             rows = list(
-                queryset.filter(status__in=[Status.PENDING, Status.ERROR])
+                queryset.filter(dispatch_status__in=[Status.PENDING, Status.ERROR])
                 .select_for_update()
                 .select_related("message")
             )
             errors = [apply_outcome(row, Outcome("failed", CANCELLED), now) for row in rows]
             Dispatch.objects.bulk_update(
                 rows,
-                ["status", "next_attempt_at", "lease_owner", "lease_expires_at"],
+                ["dispatch_status", "next_attempt_at", "lease_owner", "lease_expires_at"],
                 batch_size=500,
             )
             DispatchError.objects.bulk_create([e for e in errors if e], batch_size=500)

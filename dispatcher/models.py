@@ -14,15 +14,24 @@ from django.utils import timezone
 
 
 class Message(models.Model):
-    """One message, scheduled once, delivered through any number of dispatches."""
+    """One message, scheduled once, delivered through any number of dispatches.
 
-    cls = models.CharField("message type", max_length=250)
-    context = models.JSONField(default=dict)
+    Columns and names are django-sitemessage's (its databases upgrade in place).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    time_created = models.DateTimeField(default=timezone.now)
     sender = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    priority = models.PositiveSmallIntegerField(default=0, db_index=True)
-    time_created = models.DateTimeField(default=timezone.now)
+    #: The message type's alias.
+    cls = models.CharField("message type", max_length=250, db_index=True)
+    #: Messages of one type with the same mark may be grouped into one.
+    group_mark = models.CharField(max_length=128, db_index=True, db_column="gmark", blank=True)
+    context = models.JSONField(default=dict)
+    priority = models.PositiveIntegerField(default=0, db_index=True)
+    #: False while a message waits for its dispatches (to subscribers, made later).
+    dispatches_ready = models.BooleanField(default=False, db_index=True)
 
     class Meta:
         verbose_name = "message"
@@ -34,32 +43,49 @@ class Message(models.Model):
 class Dispatch(models.Model):
     """Delivery of one message to one address through one messenger."""
 
-    class Status(models.TextChoices):
-        PENDING = "pending", "pending"
-        PROCESSING = "processing", "processing"
-        SENT = "sent", "sent"
-        ERROR = "error", "error (will retry)"
-        FAILED = "failed", "failed"
+    class Status(models.IntegerChoices):
+        # django-sitemessage's values, so its rows keep their meaning.
+        PENDING = 1, "pending"
+        PROCESSING = 5, "processing"
+        SENT = 2, "sent"
+        ERROR = 3, "error (will retry)"
+        FAILED = 4, "failed"
 
+    class ReadStatus(models.IntegerChoices):
+        UNREAD = 0, "unread"
+        READ = 1, "read"
+
+    DISPATCH_STATUS_PENDING = Status.PENDING
+    DISPATCH_STATUS_PROCESSING = Status.PROCESSING
+    DISPATCH_STATUS_SENT = Status.SENT
+    DISPATCH_STATUS_ERROR = Status.ERROR
+    DISPATCH_STATUS_FAILED = Status.FAILED
+    READ_STATUS_UNREAD = ReadStatus.UNREAD
+    READ_STATUS_READ = ReadStatus.READ
+
+    id = models.BigAutoField(primary_key=True)
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="dispatches")
-    messenger = models.CharField(max_length=250)
+    messenger = models.CharField(max_length=250, db_index=True)
     recipient = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
     )
     address = models.CharField(max_length=255)
-    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    dispatch_status = models.PositiveIntegerField(choices=Status.choices, default=Status.PENDING)
+    read_status = models.PositiveIntegerField(choices=ReadStatus.choices, default=ReadStatus.UNREAD)
     #: Delivery attempts started (a claim counts one), independent of the status.
-    attempts = models.PositiveIntegerField(default=0)
+    retry_count = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     #: Who is delivering the dispatch right now, and until when the claim holds.
     lease_owner = models.CharField(max_length=100, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     provider_message_id = models.CharField(max_length=255, blank=True)
     time_created = models.DateTimeField(default=timezone.now)
+    #: When the last attempt ended (django-sitemessage's name).
+    time_dispatched = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     #: The body rendered for this recipient, kept so a retry sends the same text; empty when
     #: the message type renders one body for all recipients (it is rendered again instead).
-    message_cache = models.TextField(blank=True)
+    message_cache = models.TextField(blank=True, default="")
 
     #: Set by the messenger's mark_*() calls during a batch; never stored as such.
     outcome: Any = None
@@ -72,13 +98,19 @@ class Dispatch(models.Model):
         verbose_name_plural = "dispatches"
         indexes = [
             # The sweep: due retries and stale pending rows per status; expired leases.
-            models.Index(fields=["status", "next_attempt_at"], name="sm_dispatch_status_next"),
-            models.Index(fields=["status", "lease_expires_at"], name="sm_dispatch_status_lease"),
-            models.Index(fields=["status", "time_created"], name="sm_dispatch_status_created"),
+            models.Index(
+                fields=["dispatch_status", "next_attempt_at"], name="sm_dispatch_status_next"
+            ),
+            models.Index(
+                fields=["dispatch_status", "lease_expires_at"], name="sm_dispatch_status_lease"
+            ),
+            models.Index(
+                fields=["dispatch_status", "time_created"], name="sm_dispatch_status_created"
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.messenger} dispatch #{self.pk} to {self.address} ({self.status})"
+        return f"{self.messenger} dispatch #{self.pk} to {self.address} ({self.get_dispatch_status_display()})"
 
 
 class ScheduleRequest(models.Model):
@@ -106,10 +138,11 @@ class ScheduleRequest(models.Model):
 class DispatchError(models.Model):
     """One failed delivery attempt of a dispatch."""
 
+    id = models.BigAutoField(primary_key=True)
     dispatch = models.ForeignKey(Dispatch, on_delete=models.CASCADE, related_name="errors")
-    attempt = models.PositiveIntegerField()
-    exc_type = models.CharField("exception type", max_length=255)
-    error = models.TextField()
+    attempt = models.PositiveIntegerField(default=0)
+    exc_type = models.CharField("exception type", max_length=255, blank=True)
+    error_log = models.TextField("error")
     time_created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -117,4 +150,23 @@ class DispatchError(models.Model):
         ordering = ["pk"]
 
     def __str__(self) -> str:
-        return f"{self.exc_type}: {self.error[:80]}"
+        return f"{self.exc_type}: {self.error_log[:80]}"
+
+
+class Subscription(models.Model):
+    """A user's (or an address's) subscription to a message type through a messenger."""
+
+    id = models.BigAutoField(primary_key=True)
+    time_created = models.DateTimeField(default=timezone.now)
+    message_cls = models.CharField("message type", max_length=250, db_index=True)
+    messenger_cls = models.CharField("messenger", max_length=250, db_index=True)
+    recipient = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    address = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001 (as upstream)
+
+    class Meta:
+        verbose_name = "subscription"
+
+    def __str__(self) -> str:
+        return f"{self.recipient_id or self.address} to {self.message_cls} by {self.messenger_cls}"

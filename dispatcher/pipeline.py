@@ -107,18 +107,21 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
     of this host held for the same run (see take_back); returns them."""
     now = timezone.now()
     claimable = Dispatch.objects.filter(pk__in=dispatch_ids, messenger=alias).filter(
-        Q(status=Status.PENDING) | Q(status=Status.ERROR, next_attempt_at__lte=now)
+        Q(dispatch_status=Status.PENDING)
+        | Q(dispatch_status=Status.ERROR, next_attempt_at__lte=now)
     )
     taken = claimable.update(
-        status=Status.PROCESSING,
+        dispatch_status=Status.PROCESSING,
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
-        attempts=F("attempts") + 1,
+        retry_count=F("retry_count") + 1,
     )
     taken += take_back(alias, dispatch_ids, owner, now)
     logger.debug("%s: claimed %d of %d dispatches", alias, taken, len(dispatch_ids))
     dispatches = list(
-        Dispatch.objects.filter(pk__in=dispatch_ids, status=Status.PROCESSING, lease_owner=owner)
+        Dispatch.objects.filter(
+            pk__in=dispatch_ids, dispatch_status=Status.PROCESSING, lease_owner=owner
+        )
         .select_related("recipient")
         .order_by("message_id", "pk")
     )
@@ -147,7 +150,7 @@ def take_back(alias: str, dispatch_ids: list[int], owner: str, now: datetime) ->
     held = Dispatch.objects.filter(
         pk__in=dispatch_ids,
         messenger=alias,
-        status=Status.PROCESSING,
+        dispatch_status=Status.PROCESSING,
         lease_owner__endswith=f":{run}",
     ).exclude(lease_owner=owner)
     dead = {
@@ -157,18 +160,18 @@ def take_back(alias: str, dispatch_ids: list[int], owner: str, now: datetime) ->
     }
     if not dead:
         return 0
-    rows = list(held.filter(lease_owner__in=dead).values_list("pk", "attempts", "lease_owner"))
+    rows = list(held.filter(lease_owner__in=dead).values_list("pk", "retry_count", "lease_owner"))
     taken = held.filter(pk__in=[pk for pk, _, _ in rows], lease_owner__in=dead).update(
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
-        attempts=F("attempts") + 1,
+        retry_count=F("retry_count") + 1,
     )
     DispatchError.objects.bulk_create(
         DispatchError(
             dispatch_id=pk,
             attempt=attempts,
             exc_type="WorkerLost",
-            error=f"{previous} died mid-batch; its run was delivered again and took it back",
+            error_log=f"{previous} died mid-batch; its run was delivered again and took it back",
             time_created=now,
         )
         for pk, attempts, previous in rows
@@ -220,9 +223,9 @@ class LeaseKeeper:
             connection.close()  # this thread's own connection
 
     def renew(self) -> int:
-        return Dispatch.objects.filter(status=Status.PROCESSING, lease_owner=self.owner).update(
-            lease_expires_at=timezone.now() + timedelta(seconds=self.seconds)
-        )
+        return Dispatch.objects.filter(
+            dispatch_status=Status.PROCESSING, lease_owner=self.owner
+        ).update(lease_expires_at=timezone.now() + timedelta(seconds=self.seconds))
 
     def stop(self) -> None:
         self.stopped.set()
@@ -319,7 +322,7 @@ class Recorder:
         fields = {name: getattr(dispatch, name) for name in outcome_fields(dispatch)}
         owned = with_db_retry(
             lambda: Dispatch.objects.filter(
-                pk=dispatch.pk, status=Status.PROCESSING, lease_owner=self.owner
+                pk=dispatch.pk, dispatch_status=Status.PROCESSING, lease_owner=self.owner
             ).update(**fields)
         )
         self._count(dispatch, owned)
@@ -341,7 +344,7 @@ class Recorder:
                     Dispatch.objects.select_for_update()
                     .filter(
                         pk__in=[d.pk for d in pending],
-                        status=Status.PROCESSING,
+                        dispatch_status=Status.PROCESSING,
                         lease_owner=self.owner,
                     )
                     .values_list("pk", flat=True)
@@ -363,8 +366,8 @@ class Recorder:
                 "outcome of dispatch %s dropped: its lease expired and another run took it",
                 dispatch.pk,
             )
-        elif dispatch.status in _COUNTER:
-            name = _COUNTER[dispatch.status]
+        elif dispatch.dispatch_status in _COUNTER:
+            name = _COUNTER[dispatch.dispatch_status]
             setattr(self.result, name, getattr(self.result, name) + 1)
 
 
@@ -385,10 +388,10 @@ def with_db_retry(operation: Callable[[], T]) -> T:
             delay = min(delay * 2, 5.0)
 
 
-_COUNTER: dict[str, str] = {Status.SENT: "sent", Status.ERROR: "errors", Status.FAILED: "failed"}
+_COUNTER: dict[int, str] = {Status.SENT: "sent", Status.ERROR: "errors", Status.FAILED: "failed"}
 _OUTCOME_FIELDS = [
-    "status",
-    "attempts",
+    "dispatch_status",
+    "retry_count",
     "sent_at",
     "provider_message_id",
     "next_attempt_at",
@@ -410,28 +413,28 @@ def apply_outcome(dispatch: Dispatch, outcome: Outcome, now: datetime) -> Dispat
     dispatch.lease_expires_at = None
     dispatch.next_attempt_at = None
     if outcome.status == "deferred":  # not an attempt: no slot was free to make one
-        dispatch.status = Status.ERROR
-        dispatch.attempts -= 1
+        dispatch.dispatch_status = Status.ERROR
+        dispatch.retry_count -= 1
         dispatch.next_attempt_at = now + timedelta(seconds=outcome.retry_after or 0)
         return None
     if outcome.status == "sent":
-        dispatch.status = Status.SENT
+        dispatch.dispatch_status = Status.SENT
         dispatch.sent_at = now
         dispatch.provider_message_id = outcome.provider_id[:255]
         return None
     limit = retry_limit(dispatch.message.cls)
-    if outcome.status == "failed" or dispatch.attempts >= limit:
-        dispatch.status = Status.FAILED
+    if outcome.status == "failed" or dispatch.retry_count >= limit:
+        dispatch.dispatch_status = Status.FAILED
     else:
-        dispatch.status = Status.ERROR
-        delay = max(backoff(dispatch.attempts), outcome.retry_after or 0)
+        dispatch.dispatch_status = Status.ERROR
+        delay = max(backoff(dispatch.retry_count), outcome.retry_after or 0)
         dispatch.next_attempt_at = now + timedelta(seconds=delay)
     error = outcome.error
     return DispatchError(
         dispatch=dispatch,
-        attempt=dispatch.attempts,
+        attempt=dispatch.retry_count,
         exc_type=type(error).__name__ if isinstance(error, BaseException) else "",
-        error=str(error),
+        error_log=str(error),
         time_created=now,
     )
 

@@ -7,7 +7,8 @@ id twice is harmless because delivery claims rows atomically.
 - PROCESSING rows whose lease expired (their worker died) go back to ERROR, due now, or to
   FAILED when they used up their attempts;
 - PENDING rows whose ``next_attempt_at`` passed (a publish lost at commit time, a broker that
-  lost its queues) and ERROR rows whose retry is due are published again, and stay PENDING with
+  lost its queues), PENDING rows published a sweep ago whose queue is empty (a worker died
+  holding their task), and ERROR rows whose retry is due are published again, and stay PENDING with
   a new ``next_attempt_at`` so the next sweep does not publish them again while they wait in a
   queue;
 - schedule_messages.delay() calls stored but not expanded after SITEMESSAGE_REPUBLISH_AFTER
@@ -16,13 +17,14 @@ id twice is harmless because delivery claims rows atomically.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from messengers.exceptions import ScheduleError
+from workers import broker
 
 from . import conf
 from .messages import retry_limit
@@ -36,8 +38,13 @@ def sweep(priority: int | None = None) -> dict[str, int]:
     now = timezone.now()
     expanded = expand_stale_requests(now)
     expired, failed = release_expired_leases(now)
-    due = Dispatch.objects.filter(status__in=[Status.PENDING, Status.ERROR]).filter(
-        Q(next_attempt_at__lte=now) | Q(next_attempt_at__isnull=True)
+    stranded = Q(
+        dispatch_status=Status.PENDING,
+        messenger__in=stranded_messengers(now),
+        next_attempt_at__lte=now + republish_after() - sweep_interval(),
+    )
+    due = Dispatch.objects.filter(dispatch_status__in=[Status.PENDING, Status.ERROR]).filter(
+        Q(next_attempt_at__lte=now) | Q(next_attempt_at__isnull=True) | stranded
     )
     if priority is not None:
         due = due.filter(message__priority=priority)
@@ -47,11 +54,11 @@ def sweep(priority: int | None = None) -> dict[str, int]:
         ]
     )
     Dispatch.objects.filter(
-        pk__in=[pk for pk, _ in rows], status__in=[Status.PENDING, Status.ERROR]
-    ).update(status=Status.PENDING, next_attempt_at=now + republish_after())
+        pk__in=[pk for pk, _ in rows], dispatch_status__in=[Status.PENDING, Status.ERROR]
+    ).update(dispatch_status=Status.PENDING, next_attempt_at=now + republish_after())
     unpublished = publish_dispatches(rows)
     if unpublished:  # the broker is down: due again at the next sweep, not after REPUBLISH_AFTER
-        Dispatch.objects.filter(pk__in=unpublished, status=Status.PENDING).update(
+        Dispatch.objects.filter(pk__in=unpublished, dispatch_status=Status.PENDING).update(
             next_attempt_at=now
         )
     return {
@@ -61,6 +68,29 @@ def sweep(priority: int | None = None) -> dict[str, int]:
         "published": len(rows) - len(unpublished),
         "unpublished": len(unpublished),
     }
+
+
+def sweep_interval() -> timedelta:
+    return timedelta(seconds=conf.SWEEP_INTERVAL.get())
+
+
+def stranded_messengers(now: datetime) -> list[str]:
+    """Messengers whose queue is empty while dispatches published more than one sweep ago
+    still wait: their task was taken by a worker that died before starting it. Redis gives
+    such a task back only after its visibility timeout (an hour), so rather than wait for
+    REPUBLISH_AFTER, the sweep publishes those rows again at once (if the task was only
+    late, claiming makes the second one a no-op)."""
+    published_before = now + republish_after() - sweep_interval()
+    waiting = Dispatch.objects.filter(
+        dispatch_status=Status.PENDING,
+        next_attempt_at__gt=now,
+        next_attempt_at__lte=published_before,
+    )
+    aliases = set(waiting.values_list("messenger", flat=True).distinct())
+    if not aliases:
+        return []
+    lengths = broker.queue_lengths(sorted(aliases))
+    return [alias for alias in sorted(aliases) if lengths.get(alias) == 0]
 
 
 def expand_stale_requests(now: datetime) -> int:
@@ -85,25 +115,28 @@ def release_expired_leases(now: datetime) -> tuple[int, int]:
     with transaction.atomic():
         rows = list(
             Dispatch.objects.select_for_update()
-            .filter(status=Status.PROCESSING, lease_expires_at__lt=now)
-            .values_list("pk", "attempts", "message__cls", "lease_owner")
+            .filter(dispatch_status=Status.PROCESSING, lease_expires_at__lt=now)
+            .values_list("pk", "retry_count", "message__cls", "lease_owner")
         )
         if not rows:
             return 0, 0
         final = [pk for pk, attempts, cls, _ in rows if attempts >= retry_limit(cls)]
         retry = [pk for pk, attempts, cls, _ in rows if attempts < retry_limit(cls)]
         released = Dispatch.objects.filter(pk__in=retry).update(
-            status=Status.ERROR, lease_owner="", lease_expires_at=None, next_attempt_at=now
+            dispatch_status=Status.ERROR, lease_owner="", lease_expires_at=None, next_attempt_at=now
         )
         failed = Dispatch.objects.filter(pk__in=final).update(
-            status=Status.FAILED, lease_owner="", lease_expires_at=None, next_attempt_at=None
+            dispatch_status=Status.FAILED,
+            lease_owner="",
+            lease_expires_at=None,
+            next_attempt_at=None,
         )
         DispatchError.objects.bulk_create(
             DispatchError(
                 dispatch_id=pk,
                 attempt=attempts,
                 exc_type="LeaseExpired",
-                error=f"the worker {owner} did not finish the dispatch before its lease expired",
+                error_log=f"the worker {owner} did not finish the dispatch before its lease expired",
                 time_created=now,
             )
             for pk, attempts, _, owner in rows

@@ -105,6 +105,7 @@ def schedule(
                 context=context,
                 sender=sender,
                 priority=message.priority if priority is None else priority,
+                dispatches_ready=True,
             )
             dispatches = Dispatch.objects.bulk_create(
                 [

@@ -49,7 +49,9 @@ def deliver_now(alias: str, addresses: list[str], *texts: str) -> list[Dispatch]
 def errors_of(row: Dispatch) -> list[str]:
     """The error log of one dispatch, oldest first."""
     return list(
-        DispatchError.objects.filter(dispatch=row).order_by("pk").values_list("error", flat=True)
+        DispatchError.objects.filter(dispatch=row)
+        .order_by("pk")
+        .values_list("error_log", flat=True)
     )
 
 
@@ -74,19 +76,19 @@ class MessengerContract:
 
     def test_sends_one(self, deliver: Deliver, addresses, delivered) -> None:
         rows = deliver(addresses[:1])
-        assert rows[addresses[0]].status == Status.SENT
-        assert rows[addresses[0]].attempts == 1
+        assert rows[addresses[0]].dispatch_status == Status.SENT
+        assert rows[addresses[0]].retry_count == 1
         assert delivered() == addresses[:1]
 
     def test_sends_a_batch(self, deliver: Deliver, addresses, delivered) -> None:
         rows = deliver(addresses)
-        assert {row.status for row in rows.values()} == {Status.SENT}
+        assert {row.dispatch_status for row in rows.values()} == {Status.SENT}
         assert sorted(delivered()) == sorted(addresses)
 
     def test_a_second_batch_reuses_the_messenger(self, deliver: Deliver, addresses, delivered):
         deliver(addresses[:1])
         rows = deliver(addresses[1:])
-        assert {row.status for row in rows.values()} == {Status.SENT}
+        assert {row.dispatch_status for row in rows.values()} == {Status.SENT}
         assert sorted(delivered()) == sorted(addresses)
 
     def test_before_send_twice_is_harmless(
@@ -95,7 +97,7 @@ class MessengerContract:
         messenger.before_send()
         messenger.before_send()
         rows = deliver(addresses[:1])
-        assert rows[addresses[0]].status == Status.SENT
+        assert rows[addresses[0]].dispatch_status == Status.SENT
         assert delivered() == addresses[:1]
 
     def test_after_send_without_before_send_is_harmless(
@@ -104,7 +106,7 @@ class MessengerContract:
         messenger.after_send()
         messenger.after_send()
         rows = deliver(addresses[:1])
-        assert rows[addresses[0]].status == Status.SENT
+        assert rows[addresses[0]].dispatch_status == Status.SENT
         assert delivered() == addresses[:1]
 
     def test_temporary_error_leaves_the_dispatch_for_retry(
@@ -112,8 +114,8 @@ class MessengerContract:
     ) -> None:
         temporary_failure(addresses[0])
         row = deliver(addresses[:1])[addresses[0]]
-        assert row.status == Status.ERROR
-        assert row.next_attempt_at is not None and row.attempts == 1
+        assert row.dispatch_status == Status.ERROR
+        assert row.next_attempt_at is not None and row.retry_count == 1
         assert DispatchError.objects.filter(dispatch=row).count() == 1
         assert addresses[0] not in delivered()
 
@@ -122,10 +124,10 @@ class MessengerContract:
     ) -> None:
         bad = permanent_failure(addresses[0])
         rows = deliver([bad, addresses[1]])
-        assert rows[bad].status == Status.FAILED
-        assert rows[bad].attempts == 1 and rows[bad].next_attempt_at is None
+        assert rows[bad].dispatch_status == Status.FAILED
+        assert rows[bad].retry_count == 1 and rows[bad].next_attempt_at is None
         assert DispatchError.objects.filter(dispatch=rows[bad]).count() == 1
-        assert rows[addresses[1]].status == Status.SENT
+        assert rows[addresses[1]].dispatch_status == Status.SENT
         assert delivered() == [addresses[1]]
 
     def test_unknown_options_are_rejected_with_the_alias(self, messenger) -> None:

@@ -44,8 +44,8 @@ def retry_now(client, dispatches: list[Dispatch]) -> list[tuple[int, str]]:
 def test_retry_now_resets_failed_and_error_rows_and_publishes_them(admin_client):
     purge([QUEUE])
     later = timezone.now() + timedelta(hours=1)
-    failed = make_dispatch(Status.FAILED, attempts=10)
-    error = make_dispatch(Status.ERROR, attempts=3, next_attempt_at=later)
+    failed = make_dispatch(Status.FAILED, retry_count=10)
+    error = make_dispatch(Status.ERROR, retry_count=3, next_attempt_at=later)
     sent = make_dispatch(Status.SENT)
     running = make_dispatch(
         Status.PROCESSING, lease_owner="w:1:t", lease_expires_at=later, next_attempt_at=None
@@ -62,7 +62,7 @@ def test_retry_now_resets_failed_and_error_rows_and_publishes_them(admin_client)
         )
     ]
     for row in Dispatch.objects.filter(pk__in=[failed.pk, error.pk]):
-        assert (row.status, row.attempts, row.lease_owner, row.lease_expires_at) == (
+        assert (row.dispatch_status, row.retry_count, row.lease_owner, row.lease_expires_at) == (
             Status.PENDING,
             0,
             "",
@@ -70,7 +70,7 @@ def test_retry_now_resets_failed_and_error_rows_and_publishes_them(admin_client)
         )
         assert row.next_attempt_at is not None
         assert before <= row.next_attempt_at <= timezone.now()
-    assert Dispatch.objects.get(pk=sent.pk).status == Status.SENT
+    assert Dispatch.objects.get(pk=sent.pk).dispatch_status == Status.SENT
     assert Dispatch.objects.get(pk=running.pk).lease_owner == "w:1:t"
     assert published_ids(drain(QUEUE)) == sorted([failed.pk, error.pk])
     history = LogEntry.objects.filter(change_message='Action "Retry now"')
@@ -88,7 +88,7 @@ def test_retry_now_is_refused_to_a_user_without_change_permission(client, django
     )
 
     assert response.status_code == 403
-    assert Dispatch.objects.get(pk=failed.pk).status == Status.FAILED
+    assert Dispatch.objects.get(pk=failed.pk).dispatch_status == Status.FAILED
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def forget_producers() -> None:
 
 @pytest.mark.django_db
 def test_retry_now_says_when_publishing_fails(admin_client, broker_down):
-    failed = make_dispatch(Status.FAILED, attempts=10)
+    failed = make_dispatch(Status.FAILED, retry_count=10)
 
     notes = retry_now(admin_client, [failed])
 
@@ -121,22 +121,22 @@ def test_retry_now_says_when_publishing_fails(admin_client, broker_down):
     assert text.startswith("1 dispatches reset to pending, but publishing failed for 1 of them")
     assert text.endswith("the next sweep publishes them")
     row = Dispatch.objects.get(pk=failed.pk)
-    assert (row.status, row.attempts) == (Status.PENDING, 0)
+    assert (row.dispatch_status, row.retry_count) == (Status.PENDING, 0)
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_retried_dispatch_is_delivered_by_a_worker(admin_client, smtp_server, start_worker):
     sink, port = smtp_server
     failed = make_dispatch(
-        Status.FAILED, address="back@example.com", attempts=10, errors=["SMTP 550 no such user"]
+        Status.FAILED, address="back@example.com", retry_count=10, errors=["SMTP 550 no such user"]
     )
     start_worker([QUEUE], concurrency=1, env={"EMAIL_PORT": str(port)})
 
     assert retry_now(admin_client, [failed])[0][0] == SUCCESS
 
-    assert wait_until(lambda: Dispatch.objects.get(pk=failed.pk).status == Status.SENT, 30)
+    assert wait_until(lambda: Dispatch.objects.get(pk=failed.pk).dispatch_status == Status.SENT, 30)
     row = Dispatch.objects.get(pk=failed.pk)
-    assert row.attempts == 1
+    assert row.retry_count == 1
     assert sink.recipients() == ["back@example.com"]
     assert sink.messages[0][1]["Message-ID"] == row.provider_message_id
 
@@ -146,8 +146,8 @@ def test_a_retried_dispatch_is_delivered_by_a_worker(admin_client, smtp_server, 
 CHANGE_FORM_POST = {
     "messenger": "smtp",
     "address": "attacker@example.net",
-    "status": Status.SENT,
-    "attempts": "0",
+    "dispatch_status": Status.SENT,
+    "retry_count": "0",
     "next_attempt_at_0": "",
     "next_attempt_at_1": "",
     "lease_owner": "",
@@ -313,8 +313,8 @@ def cancel(client, dispatches: list[Dispatch]) -> list[tuple[int, str]]:
 @pytest.mark.django_db
 def test_cancel_fails_pending_and_error_rows_and_skips_the_rest(admin_client, admin_user):
     later = timezone.now() + timedelta(hours=1)
-    pending = make_dispatch(Status.PENDING, attempts=0, next_attempt_at=timezone.now())
-    error = make_dispatch(Status.ERROR, attempts=2, next_attempt_at=later, errors=["4xx", "4xx"])
+    pending = make_dispatch(Status.PENDING, retry_count=0, next_attempt_at=timezone.now())
+    error = make_dispatch(Status.ERROR, retry_count=2, next_attempt_at=later, errors=["4xx", "4xx"])
     running = make_dispatch(
         Status.PROCESSING, lease_owner="w:1:t", lease_expires_at=later, next_attempt_at=None
     )
@@ -332,13 +332,13 @@ def test_cancel_fails_pending_and_error_rows_and_skips_the_rest(admin_client, ad
     ]
     for dispatch, attempt in [(pending, 0), (error, 2)]:
         row = Dispatch.objects.get(pk=dispatch.pk)
-        assert (row.status, row.attempts, row.next_attempt_at, row.lease_owner) == (
+        assert (row.dispatch_status, row.retry_count, row.next_attempt_at, row.lease_owner) == (
             Status.FAILED,
             attempt,
             None,
             "",
         )
-        last = row.errors.order_by("pk").values_list("attempt", "exc_type", "error").last()
+        last = row.errors.order_by("pk").values_list("attempt", "exc_type", "error_log").last()
         assert last == (attempt, "", "cancelled")
         history = LogEntry.objects.get(object_id=str(dispatch.pk))
         assert (history.user, history.get_change_message()) == (admin_user, 'Action "Cancel"')
@@ -363,7 +363,7 @@ def test_cancel_is_refused_to_a_user_without_change_permission(client, django_us
 
     assert response.status_code == 200  # the list, without the action
     assert 'value="cancel"' not in response.content.decode()
-    assert Dispatch.objects.get(pk=pending.pk).status == Status.PENDING
+    assert Dispatch.objects.get(pk=pending.pk).dispatch_status == Status.PENDING
 
 
 @pytest.mark.pg  # PostgreSQL reads past an uncommitted claim unless the row is locked
@@ -391,7 +391,7 @@ def test_cancel_waits_for_a_claim_in_flight_and_skips_the_claimed_row(admin_clie
     ]
     assert waited >= 0.4
     row = Dispatch.objects.get(pk=pending.pk)
-    assert (row.status, row.lease_owner) == (Status.PROCESSING, "w:9:t")
+    assert (row.dispatch_status, row.lease_owner) == (Status.PROCESSING, "w:9:t")
     assert not row.errors.exists()
 
 
@@ -404,7 +404,7 @@ def claim_until(pk: int, claimed: threading.Event, release: threading.Event) -> 
         with conn.cursor() as cursor:
             cursor.execute(
                 f"UPDATE {conn.ops.quote_name(Dispatch._meta.db_table)} "
-                "SET status = %s, lease_owner = %s WHERE id = %s",
+                "SET dispatch_status = %s, lease_owner = %s WHERE id = %s",
                 [Status.PROCESSING, "w:9:t", pk],
             )
         claimed.set()

@@ -46,8 +46,8 @@ def queue():
 
 @pytest.mark.django_db
 def test_send_scheduled_publishes_due_and_stale_rows_and_gives_back_expired_leases(queue):
-    stale = make_dispatch(Status.PENDING, attempts=0, next_attempt_at=past())
-    waiting = make_dispatch(Status.PENDING, attempts=0, next_attempt_at=past(-600))
+    stale = make_dispatch(Status.PENDING, retry_count=0, next_attempt_at=past())
+    waiting = make_dispatch(Status.PENDING, retry_count=0, next_attempt_at=past(-600))
     due = make_dispatch(Status.ERROR, next_attempt_at=past())
     later = make_dispatch(Status.ERROR, next_attempt_at=past(-600))
     dead = make_dispatch(
@@ -60,7 +60,7 @@ def test_send_scheduled_publishes_due_and_stale_rows_and_gives_back_expired_leas
     assert error is None
     assert "1 given back for a retry, 0 failed" in out and "3 dispatches published" in out
     assert published_ids(drain(queue)) == sorted([stale.pk, due.pk, dead.pk])
-    statuses = dict(Dispatch.objects.values_list("pk", "status"))
+    statuses = dict(Dispatch.objects.values_list("pk", "dispatch_status"))
     assert statuses[dead.pk] == statuses[due.pk] == statuses[stale.pk] == Status.PENDING
     assert (statuses[waiting.pk], statuses[later.pk], statuses[sent.pk]) == (
         Status.PENDING,
@@ -79,7 +79,7 @@ def test_send_scheduled_with_priority_publishes_only_that_priority(queue):
 
     assert error is None and "1 dispatches of priority 5 published" in out
     assert published_ids(drain(queue)) == [high.pk]
-    assert Dispatch.objects.get(pk=low.pk).status == Status.ERROR
+    assert Dispatch.objects.get(pk=low.pk).dispatch_status == Status.ERROR
 
 
 @pytest.mark.django_db(transaction=True)
@@ -107,7 +107,10 @@ def test_send_scheduled_with_the_broker_down_exits_1_and_changes_nothing(queue):
     assert "unreachable" in done.stderr and "stay in the database" in done.stderr
     assert "Traceback" not in done.stderr
     after = Dispatch.objects.get(pk=due.pk)
-    assert (after.status, after.next_attempt_at) == (before.status, before.next_attempt_at)
+    assert (after.dispatch_status, after.next_attempt_at) == (
+        before.dispatch_status,
+        before.next_attempt_at,
+    )
     assert drain(queue) == []
 
 
@@ -131,7 +134,7 @@ def test_send_scheduled_fails_when_publishing_fails_after_the_broker_check(
     assert "could not publish 1 smtp dispatches" in caplog.text
     assert "Connection refused" in caplog.text
     row.refresh_from_db()  # due again at the next sweep, not after REPUBLISH_AFTER
-    assert row.status == Status.PENDING
+    assert row.dispatch_status == Status.PENDING
     assert row.next_attempt_at is not None and row.next_attempt_at <= timezone.now()
 
 
@@ -201,7 +204,7 @@ def test_check_undelivered_emails_the_report(smtp_server, settings):
     assert "smtp: 1 failed, 1 stuck past their lease" in body
     assert "SMTP 550 5.1.1 no such user" in body
     report = Message.objects.get(priority=MAX_PRIORITY)
-    assert set(report.dispatches.values_list("status", flat=True)) == {Status.SENT}
+    assert set(report.dispatches.values_list("dispatch_status", flat=True)) == {Status.SENT}
 
 
 @pytest.mark.django_db
@@ -217,7 +220,7 @@ def test_check_undelivered_says_when_the_report_cannot_be_sent(settings):
     assert "Report e-mailed" not in out
     # The report is stored as an ordinary dispatch: the sweep retries it.
     [report] = Dispatch.objects.filter(address="ops@example.com")
-    assert report.status == Status.ERROR and report.next_attempt_at is not None
+    assert report.dispatch_status == Status.ERROR and report.next_attempt_at is not None
 
 
 @pytest.mark.django_db

@@ -29,14 +29,15 @@ def test_a_thousand_emails_arrive_exactly_once(smtp_server, start_worker):
     )
     sink.wait_for(1000, timeout=120)
     assert wait_until(
-        lambda: Dispatch.objects.filter(status=Dispatch.Status.SENT).count() == 1000, timeout=30
+        lambda: Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() == 1000,
+        timeout=30,
     )
     elapsed = time.monotonic() - started
     print(f"\n1000 e-mails delivered in {elapsed:.2f}s ({1000 / elapsed:.0f}/s)")
 
     assert sorted(sink.recipients()) == sorted(addresses)  # each exactly once
     rows = {d.address: d for d in Dispatch.objects.filter(message=message)}
-    assert {d.attempts for d in rows.values()} == {1}
+    assert {d.retry_count for d in rows.values()} == {1}
     for (rcpt,), email in sink.messages:
         assert email["Subject"] == "Quarterly report"
         assert email["To"] == rcpt
@@ -64,10 +65,12 @@ def test_a_queue_whose_messenger_the_worker_lacks_ends_failed_and_reported(
     schedule_messages("boo", recipients("ghost", ["a", "b"]))
 
     rows = Dispatch.objects.filter(messenger="ghost")
-    assert wait_until(lambda: set(rows.values_list("status", flat=True)) == {"failed"}, 30)
+    assert wait_until(
+        lambda: set(rows.values_list("dispatch_status", flat=True)) == {Dispatch.Status.FAILED}, 30
+    )
     errors = DispatchError.objects.filter(dispatch__messenger="ghost")
     assert {e.exc_type for e in errors} == {"UnknownMessengerError"}
-    assert all("messenger 'ghost' is not registered in worker" in e.error for e in errors)
+    assert all("messenger 'ghost' is not registered in worker" in e.error_log for e in errors)
     report = manage("sitemessage_check_undelivered")
     assert report.returncode == 1
     assert "ghost: 2 failed" in report.stdout
@@ -89,6 +92,7 @@ def test_a_large_message_is_rendered_once_and_its_body_not_stored_per_recipient(
     for _, email in sink.messages:
         assert email.get_payload(decode=True).decode().replace("\r\n", "\n") == text
     assert wait_until(
-        lambda: Dispatch.objects.filter(status=Dispatch.Status.SENT).count() == 20, timeout=30
+        lambda: Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() == 20,
+        timeout=30,
     )
     assert set(Dispatch.objects.values_list("message_cache", flat=True)) == {""}

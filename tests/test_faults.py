@@ -55,8 +55,8 @@ def schedule(to: list[str], messages: object = None, publish: bool = True) -> No
     )
 
 
-def statuses() -> Counter[str]:
-    return Counter(Dispatch.objects.values_list("status", flat=True))
+def statuses() -> Counter[int]:
+    return Counter(Dispatch.objects.values_list("dispatch_status", flat=True))
 
 
 def all_final(count: int) -> bool:
@@ -78,7 +78,9 @@ def sweep_until(done: Callable[[], bool], timeout: float, interval: float = 0.5)
 def report(name: str, sink: SMTPSink, scheduled: list[str], started: float) -> dict[str, int]:
     """Prints and returns the figures of a fault test."""
     received = Counter(sink.recipients())
-    failed = set(Dispatch.objects.filter(status=Status.FAILED).values_list("address", flat=True))
+    failed = set(
+        Dispatch.objects.filter(dispatch_status=Status.FAILED).values_list("address", flat=True)
+    )
     figures = {
         "scheduled": len(scheduled),
         "delivered": len(set(scheduled) & set(received)),
@@ -115,7 +117,7 @@ def test_workers_killed_mid_delivery_recover_within_a_minute(smtp_server, start_
     killed_at = time.monotonic()
     first.proc.wait(10)
     assert wait_until(lambda: not any(_alive(pid) for pid in children), timeout=10)
-    stuck = Dispatch.objects.filter(status=Status.PROCESSING)
+    stuck = Dispatch.objects.filter(dispatch_status=Status.PROCESSING)
     stuck_ids = set(stuck.values_list("pk", flat=True))
     # The killed processes that were in the middle of a batch: each may have sent one e-mail
     # whose outcome it could not record.
@@ -159,7 +161,7 @@ def test_a_killed_pool_process_s_batch_is_taken_back_by_its_redelivered_task(
     killed_at = time.monotonic()
     held = set(
         Dispatch.objects.filter(
-            status=Status.PROCESSING, lease_owner__contains=f":{child}:"
+            dispatch_status=Status.PROCESSING, lease_owner__contains=f":{child}:"
         ).values_list("pk", flat=True)
     )
 
@@ -230,7 +232,7 @@ def test_smtp_server_down_then_back(start_worker, smtp_servers):
     server.stop()
     started = time.monotonic()
     schedule(to)
-    retried = Dispatch.objects.filter(attempts__gte=2)
+    retried = Dispatch.objects.filter(retry_count__gte=2)
     assert sweep_until(retried.exists, timeout=30), "no retry while the server was down"
     down = time.monotonic() - started
     assert len(sink.messages) == 0
@@ -238,7 +240,7 @@ def test_smtp_server_down_then_back(start_worker, smtp_servers):
     assert sweep_until(lambda: statuses()[Status.SENT] == len(to), timeout=60)
 
     figures = report("SMTP server down", sink, to, started)
-    attempts = Counter(Dispatch.objects.values_list("attempts", flat=True))
+    attempts = Counter(Dispatch.objects.values_list("retry_count", flat=True))
     print(f"down {down:.1f}s; dispatches per attempt count: {dict(sorted(attempts.items()))}")
     assert figures["delivered"] == len(to) and figures["lost"] == 0
     assert figures["failed"] == 0 and figures["duplicates"] == 0
@@ -260,13 +262,13 @@ def test_permanent_rejection_fails_exactly_those_recipients(smtp_server, start_w
     assert wait_until(lambda: all_final(len(to)), timeout=60)
 
     figures = report("550 for some recipients", sink, to, started)
-    failed = Dispatch.objects.filter(status=Status.FAILED)
+    failed = Dispatch.objects.filter(dispatch_status=Status.FAILED)
     assert sorted(failed.values_list("address", flat=True)) == sorted(rejected)
-    assert set(failed.values_list("attempts", flat=True)) == {1}
+    assert set(failed.values_list("retry_count", flat=True)) == {1}
     assert sorted(DispatchError.objects.values_list("dispatch__address", flat=True)) == sorted(
         rejected
     )
-    assert all("550 5.1.1" in e for e in DispatchError.objects.values_list("error", flat=True))
+    assert all("550 5.1.1" in e for e in DispatchError.objects.values_list("error_log", flat=True))
     assert sent_exactly_once(sink, sorted(set(to) - set(rejected)))
     assert figures["lost"] == 0 and figures["duplicates"] == 0
 
@@ -304,7 +306,7 @@ def test_same_ids_enqueued_three_times_are_sent_once(smtp_server, start_worker):
     figures = report(f"ids enqueued 3 times ({connection.vendor})", sink, to, started)
     assert figures["delivered"] == len(to) and figures["duplicates"] == 0
     assert sent_exactly_once(sink, to)
-    assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
+    assert set(Dispatch.objects.values_list("retry_count", flat=True)) == {1}
 
 
 @contextmanager
@@ -370,8 +372,10 @@ def test_poison_message_fails_after_its_retry_limit_without_blocking_others(
     schedule(to, [PoisonMessage(), EmailTextMessage("Healthy", "Still delivered.")])
     poison = Dispatch.objects.filter(message__cls=PoisonMessage.alias)
     healthy = Dispatch.objects.exclude(message__cls=PoisonMessage.alias)
-    assert wait_until(lambda: healthy.filter(status=Status.SENT).count() == len(to), timeout=30)
-    assert set(healthy.values_list("attempts", flat=True)) == {1}
+    assert wait_until(
+        lambda: healthy.filter(dispatch_status=Status.SENT).count() == len(to), timeout=30
+    )
+    assert set(healthy.values_list("retry_count", flat=True)) == {1}
     assert sweep_until(lambda: all_final(2 * len(to)), timeout=60)
     time.sleep(1)
     after = sweep()
@@ -379,7 +383,7 @@ def test_poison_message_fails_after_its_retry_limit_without_blocking_others(
     figures = report("poison message", sink, to, started)
     limit = PoisonMessage.send_retry_limit
     assert after["published"] == 0 and statuses()[Status.FAILED] == len(to)
-    assert set(poison.values_list("status", "attempts")) == {(Status.FAILED, limit)}
+    assert set(poison.values_list("dispatch_status", "retry_count")) == {(Status.FAILED, limit)}
     errors = DispatchError.objects.filter(dispatch__in=poison)
     assert errors.count() == limit * len(to)
     assert set(errors.values_list("exc_type", flat=True)) == {"PoisonRenderError"}

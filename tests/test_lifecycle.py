@@ -23,7 +23,10 @@ def deliver_batches(count: int) -> None:
     # 50 no-op batches take well under a second; the bound is loose for a busy box but catches a
     # worker that idles between batches (a solo worker under kombu's event loop stalled 10 s at a
     # time on RabbitMQ and needed 20-70 s).
-    assert wait_until(lambda: Dispatch.objects.filter(status="sent").count() == count, timeout=15)
+    assert wait_until(
+        lambda: Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() == count,
+        timeout=15,
+    )
 
 
 @pytest.mark.parametrize("pool, processes", [("prefork", 2), ("solo", 1)])
@@ -85,5 +88,7 @@ def test_a_worker_starts_with_its_server_down_and_delivers_once_it_is_back(
     schedule_messages("back again", recipients("smtp", addresses))
     sink.wait_for(10, timeout=30)
     assert sorted(sink.recipients()) == sorted(addresses)
-    assert wait_until(lambda: Dispatch.objects.filter(status="sent").count() == 10, 10)
-    assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
+    assert wait_until(
+        lambda: Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() == 10, 10
+    )
+    assert set(Dispatch.objects.values_list("retry_count", flat=True)) == {1}

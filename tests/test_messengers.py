@@ -209,7 +209,7 @@ def test_an_internationalised_domain_is_delivered_and_harms_no_other_dispatch(
 ):
     sink, messenger, _ = smtp
     rows = deliver_through(messenger, ["user@exämple.com", "a@example.com", "b@example.com"])
-    assert {(row.status, row.attempts) for row in rows.values()} == {(Status.SENT, 1)}
+    assert {(row.dispatch_status, row.retry_count) for row in rows.values()} == {(Status.SENT, 1)}
     assert sorted(sink.recipients()) == [
         "a@example.com",
         "b@example.com",
@@ -235,10 +235,16 @@ def test_a_failure_inside_a_transaction_resets_the_session_for_the_next_dispatch
 
     monkeypatch.setattr(smtplib.SMTP, "rcpt", rcpt)
     rows = deliver_through(messenger, ["broken@example.com", "a@example.com", "b@example.com"])
-    assert rows["broken@example.com"].status == Status.ERROR
+    assert rows["broken@example.com"].dispatch_status == Status.ERROR
     assert "SMTP transaction failed" in errors_of(rows["broken@example.com"])[0]
-    assert (rows["a@example.com"].status, rows["a@example.com"].attempts) == (Status.SENT, 1)
-    assert (rows["b@example.com"].status, rows["b@example.com"].attempts) == (Status.SENT, 1)
+    assert (rows["a@example.com"].dispatch_status, rows["a@example.com"].retry_count) == (
+        Status.SENT,
+        1,
+    )
+    assert (rows["b@example.com"].dispatch_status, rows["b@example.com"].retry_count) == (
+        Status.SENT,
+        1,
+    )
     assert sorted(sink.recipients()) == ["a@example.com", "b@example.com"]
     assert sink.sessions == 1  # reset, not reconnected
 

@@ -80,7 +80,7 @@ def test_sent_outcomes_are_stored_before_the_batch_ends(scripted):
     def script(messenger, dispatches):
         for dispatch in dispatches:
             messenger.mark_sent(dispatch, provider_id=f"id-{dispatch.address}")
-            seen_in_db.append(Dispatch.objects.get(pk=dispatch.pk).status)
+            seen_in_db.append(Dispatch.objects.get(pk=dispatch.pk).dispatch_status)
 
     scripted.script = script
     result = pipeline.deliver("scripted", ids, owner="w1")
@@ -106,7 +106,7 @@ def test_an_exception_marks_only_the_dispatches_not_marked_yet(scripted):
 
     scripted.script = script
     pipeline.deliver("scripted", ids, owner="w1")
-    assert [r.status for r in rows(ids)] == [Status.SENT, Status.ERROR, Status.ERROR]
+    assert [r.dispatch_status for r in rows(ids)] == [Status.SENT, Status.ERROR, Status.ERROR]
     assert (
         list(DispatchError.objects.values_list("exc_type", flat=True))
         == ["TemporaryDeliveryError"] * 2
@@ -118,15 +118,15 @@ def test_a_permanent_exception_fails_at_once(scripted):
     scripted.script = lambda m, ds: (_ for _ in ()).throw(PermanentDeliveryError("refused"))
     pipeline.deliver("scripted", ids, owner="w1")
     [row] = rows(ids)
-    assert (row.status, row.attempts, row.next_attempt_at) == (Status.FAILED, 1, None)
+    assert (row.dispatch_status, row.retry_count, row.next_attempt_at) == (Status.FAILED, 1, None)
 
 
 def test_a_dispatch_left_unmarked_is_an_error_not_processing(scripted):
     ids = schedule(["a", "b"])
     scripted.script = lambda m, ds: m.mark_sent(ds[0])
     pipeline.deliver("scripted", ids, owner="w1")
-    assert [r.status for r in rows(ids)] == [Status.SENT, Status.ERROR]
-    assert "returned without marking" in DispatchError.objects.get().error
+    assert [r.dispatch_status for r in rows(ids)] == [Status.SENT, Status.ERROR]
+    assert "returned without marking" in DispatchError.objects.get().error_log
 
 
 def test_errors_back_off_and_end_failed_at_the_retry_limit(scripted, settings):
@@ -136,7 +136,7 @@ def test_errors_back_off_and_end_failed_at_the_retry_limit(scripted, settings):
     before = timezone.now()
     pipeline.deliver("scripted", ids, owner="w1")
     [row] = rows(ids)
-    assert row.status == Status.ERROR
+    assert row.dispatch_status == Status.ERROR
     assert row.next_attempt_at is not None
     assert before + timedelta(seconds=50) <= row.next_attempt_at <= before + timedelta(seconds=101)
     assert pipeline.deliver("scripted", ids, owner="w2").claimed == 0  # not due yet
@@ -144,7 +144,7 @@ def test_errors_back_off_and_end_failed_at_the_retry_limit(scripted, settings):
     Dispatch.objects.filter(pk__in=ids).update(next_attempt_at=timezone.now())
     pipeline.deliver("scripted", ids, owner="w2")
     [row] = rows(ids)
-    assert (row.status, row.attempts) == (Status.FAILED, 2)
+    assert (row.dispatch_status, row.retry_count) == (Status.FAILED, 2)
     assert DispatchError.objects.filter(dispatch=row).count() == 2
 
 
@@ -180,21 +180,21 @@ def test_an_outcome_is_dropped_when_another_run_took_the_row(scripted):
     scripted.script = script
     result = pipeline.deliver("scripted", ids, owner="w1")
     assert result.sent == 0
-    assert (rows(ids)[0].status, rows(ids)[0].lease_owner) == (Status.PROCESSING, "w2")
+    assert (rows(ids)[0].dispatch_status, rows(ids)[0].lease_owner) == (Status.PROCESSING, "w2")
 
 
 def test_sweep_releases_expired_leases_and_republishes(scripted, settings):
     ids = schedule(["a", "b", "c", "d"], TwiceMessage("x"))
     past = timezone.now() - timedelta(seconds=1)
     Dispatch.objects.filter(pk=ids[0]).update(
-        status=Status.PROCESSING, attempts=1, lease_owner="dead", lease_expires_at=past
+        dispatch_status=Status.PROCESSING, retry_count=1, lease_owner="dead", lease_expires_at=past
     )
     Dispatch.objects.filter(pk=ids[1]).update(
-        status=Status.PROCESSING, attempts=2, lease_owner="dead", lease_expires_at=past
+        dispatch_status=Status.PROCESSING, retry_count=2, lease_owner="dead", lease_expires_at=past
     )
-    Dispatch.objects.filter(pk=ids[2]).update(status=Status.PENDING, next_attempt_at=past)
+    Dispatch.objects.filter(pk=ids[2]).update(dispatch_status=Status.PENDING, next_attempt_at=past)
     Dispatch.objects.filter(pk=ids[3]).update(
-        status=Status.ERROR, next_attempt_at=timezone.now() + timedelta(hours=1)
+        dispatch_status=Status.ERROR, next_attempt_at=timezone.now() + timedelta(hours=1)
     )
     scripted.published.clear()
 
@@ -206,7 +206,7 @@ def test_sweep_releases_expired_leases_and_republishes(scripted, settings):
         "unpublished": 0,
     }
     assert scripted.published == [{"scripted": [ids[0], ids[2]]}]
-    statuses = [r.status for r in rows(ids)]
+    statuses = [r.dispatch_status for r in rows(ids)]
     assert statuses == [Status.PENDING, Status.FAILED, Status.PENDING, Status.ERROR]
     assert set(DispatchError.objects.values_list("exc_type", flat=True)) == {"LeaseExpired"}
     # Published rows wait REPUBLISH_AFTER before the next sweep publishes them again.
@@ -235,13 +235,13 @@ def test_a_messenger_not_registered_in_the_worker_fails_its_dispatches_naming_it
     result = pipeline.deliver("scripted", ids, owner="host:123:task-1")
 
     assert (result.claimed, result.sent, result.failed) == (2, 0, 2)
-    assert [(r.status, r.attempts) for r in rows(ids)] == [(Status.FAILED, 1)] * 2
+    assert [(r.dispatch_status, r.retry_count) for r in rows(ids)] == [(Status.FAILED, 1)] * 2
     errors = DispatchError.objects.filter(dispatch_id__in=ids)
     assert errors.count() == 2
     assert {e.exc_type for e in errors} == {"UnknownMessengerError"}
     for error in errors:
-        assert "messenger 'scripted' is not registered in worker host:123:task-1" in error.error
-        assert "'smtp'" in error.error  # what it does know
+        assert "messenger 'scripted' is not registered in worker host:123:task-1" in error.error_log
+        assert "'smtp'" in error.error_log  # what it does know
     assert sweep.sweep()["published"] == 0  # nothing left for the sweep to publish forever
 
 
@@ -287,7 +287,7 @@ def test_a_body_without_dynamic_context_is_rendered_once_shared_and_not_stored(s
     assert len({id(body) for body in bodies}) == 1  # one string in memory, not 30
     assert len({id(message) for message in messages}) == 1  # one Message, not 30 copies
     assert {d.message_cache for d in rows(ids)} == {""}  # nothing stored per dispatch
-    assert Counter(d.status for d in rows(ids)) == {Status.SENT: 10, Status.ERROR: 20}
+    assert Counter(d.dispatch_status for d in rows(ids)) == {Status.SENT: 10, Status.ERROR: 20}
 
 
 def test_a_body_with_dynamic_context_is_rendered_and_kept_per_recipient(scripted):
@@ -337,19 +337,22 @@ def test_a_redelivered_run_takes_back_at_once_what_its_dead_process_held(scripte
     lease = timezone.now() + timedelta(minutes=5)
     for pk, holder in zip(ids, holders, strict=True):
         Dispatch.objects.filter(pk=pk).update(
-            status=Status.PROCESSING, lease_owner=holder, lease_expires_at=lease, attempts=1
+            dispatch_status=Status.PROCESSING,
+            lease_owner=holder,
+            lease_expires_at=lease,
+            retry_count=1,
         )
 
     result = pipeline.deliver("scripted", ids, pipeline.lease_owner("task-1"))
 
     assert (result.claimed, result.sent) == (2, 2)
     after = rows(ids)
-    assert [d.status for d in after] == [Status.SENT] * 2 + [Status.PROCESSING] * 3
-    assert [d.attempts for d in after[:2]] == [2, 2]
+    assert [d.dispatch_status for d in after] == [Status.SENT] * 2 + [Status.PROCESSING] * 3
+    assert [d.retry_count for d in after[:2]] == [2, 2]
     assert [d.lease_owner for d in after[2:]] == holders[2:]
     lost = DispatchError.objects.filter(exc_type="WorkerLost")
     assert sorted(lost.values_list("dispatch_id", "attempt")) == [(ids[0], 1), (ids[1], 1)]
-    assert holders[0] in lost.values_list("error", flat=True)[0]
+    assert holders[0] in lost.values_list("error_log", flat=True)[0]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -373,5 +376,28 @@ def test_a_running_batch_renews_its_short_lease_so_the_sweep_leaves_it_alone(scr
 
     assert seen[0] == (0, 0)  # nothing expired: the lease was renewed meanwhile
     assert timedelta(0) < seen[1] <= timedelta(seconds=0.6)
-    assert result.sent == 1 and rows(ids)[0].status == Status.SENT
+    assert result.sent == 1 and rows(ids)[0].dispatch_status == Status.SENT
     assert not DispatchError.objects.exists()
+
+
+@pytest.mark.e2e
+def test_pending_rows_whose_queue_is_empty_are_published_again_after_one_sweep(scripted):
+    """A worker that took a task and died before starting it: on Redis the task stays hidden
+    for the visibility timeout, so the sweep publishes rows a sweep old whose queue is empty,
+    not only those past REPUBLISH_AFTER."""
+    from tests.support import purge
+    from workers.app import app
+
+    purge(["messenger.scripted"])
+    ids = schedule(["a", "b"])
+    published_a_while_ago = timezone.now() + toolbox.republish_after() - timedelta(seconds=15)
+    Dispatch.objects.filter(pk__in=ids).update(next_attempt_at=published_a_while_ago)
+    with app.connection_for_write() as conn:  # a task still waiting in the queue
+        conn.SimpleQueue("messenger.scripted").put({"waiting": True})
+
+    assert sweep.sweep()["published"] == 0  # its task may be that one: wait for it
+    purge(["messenger.scripted"])
+    assert sweep.sweep()["published"] == 2  # nothing queued: the task is lost
+    assert scripted.published == [{"scripted": ids}]
+    fresh = schedule(["c"])  # published just now, its queue empty: not yet
+    assert sweep.sweep()["published"] == 0 and len(scripted.published) == 1 and fresh

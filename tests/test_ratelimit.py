@@ -127,9 +127,9 @@ def test_dispatches_without_a_slot_are_deferred_without_spending_an_attempt(
     assert (result.claimed, result.sent) == (3, 1)
     assert outbox.accepted == ["a"]
     rows = Dispatch.objects.filter(message=message).order_by("pk")
-    deferred = [row for row in rows if row.status == Dispatch.Status.ERROR]
+    deferred = [row for row in rows if row.dispatch_status == Dispatch.Status.ERROR]
     assert [row.address for row in deferred] == ["b", "c"]
-    assert {row.attempts for row in deferred} == {0}
+    assert {row.retry_count for row in deferred} == {0}
     assert all(
         row.next_attempt_at is not None and row.next_attempt_at > message.time_created
         for row in deferred
@@ -166,7 +166,7 @@ def test_two_worker_processes_hold_twenty_per_second(start_worker, smtp_servers,
     schedule_messages(PlainTextMessage("limited"), recipients("smtp", addresses))
     sink.wait_for(200, timeout=40)
     assert wait_until(
-        lambda: Dispatch.objects.filter(status=Dispatch.Status.SENT).count() == 200, 10
+        lambda: Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() == 200, 10
     )
     elapsed = max(sink.times) - min(sink.times)
     busiest = max_in_window(sink.times)

@@ -135,11 +135,13 @@ def test_user_defined_messenger_example_never_reports_sent_without_send(start_wo
 
     rows = Dispatch.objects.filter(messenger="mymessenger")
     assert sorted(rows.values_list("address", flat=True)) == ["user1--address", "user2--address"]
-    assert wait_until(lambda: not rows.exclude(status=Dispatch.Status.FAILED).exists(), timeout=30)
+    assert wait_until(
+        lambda: not rows.exclude(dispatch_status=Dispatch.Status.FAILED).exists(), timeout=30
+    )
     errors = DispatchError.objects.filter(dispatch__messenger="mymessenger")
     assert errors.count() == 2
     assert {e.exc_type for e in errors} == {"NotImplementedError"}
-    assert "MyMessenger does not implement send(" in errors[0].error
+    assert "MyMessenger does not implement send(" in errors[0].error_log
 
 
 @pytest.mark.django_db(transaction=True)
@@ -156,4 +158,4 @@ def test_user_defined_messenger_example_indented_as_intended_delivers(registries
     ids = list(Dispatch.objects.values_list("pk", flat=True))
     result = pipeline.deliver("mymessenger", ids, owner="test")
     assert (result.claimed, result.sent) == (2, 2)
-    assert set(Dispatch.objects.values_list("status", flat=True)) == {Dispatch.Status.SENT}
+    assert set(Dispatch.objects.values_list("dispatch_status", flat=True)) == {Dispatch.Status.SENT}

@@ -85,7 +85,7 @@ def test_messages_arrive_with_their_text_and_message_ids(run, telegram_api):
         ("@sitemessage_news", "Build #7 passed", 1),
         ("421337", "Build #8 passed", 2),
     ]
-    assert {row.status for row in rows.values()} == {Status.SENT}
+    assert {row.dispatch_status for row in rows.values()} == {Status.SENT}
     assert rows["421337"].provider_message_id == "2"
     assert rows["@sitemessage_news"].provider_message_id == "1"
 
@@ -96,7 +96,7 @@ def test_429_is_retried_after_retry_after(run, telegram_api):
     telegram_api.fail_temporarily("421337")
     before = timezone.now()
     row = run(["421337"])["421337"]
-    assert row.status == Status.ERROR
+    assert row.dispatch_status == Status.ERROR
     assert row.next_attempt_at >= before + timedelta(seconds=900)
     [error] = errors_of(row)
     assert "429 Too Many Requests: retry after 900" in error
@@ -105,12 +105,12 @@ def test_429_is_retried_after_retry_after(run, telegram_api):
 @pytest.mark.django_db
 def test_5xx_and_connection_errors_are_temporary(run, telegram_api):
     telegram_api.fail_temporarily("421337", 502)
-    assert run(["421337"])["421337"].status == Status.ERROR
+    assert run(["421337"])["421337"].dispatch_status == Status.ERROR
     down = TelegramMessenger(
         **{**telegram_api.options(), "base_url": f"http://127.0.0.1:{free_port()}"}
     )
     row = run(["421337"], messenger=down)["421337"]
-    assert row.status == Status.ERROR
+    assert row.dispatch_status == Status.ERROR
     assert "cannot reach the Telegram Bot API" in errors_of(row)[0]
 
 
@@ -119,15 +119,15 @@ def test_chat_not_found_blocked_and_unauthorized_are_permanent(run, telegram_api
     telegram_api.fail_permanently("421337")
     telegram_api.fail_permanently("1002", blocked=True)
     rows = run(["421337", "1002", "1003"])
-    assert rows["421337"].status == Status.FAILED and rows["421337"].attempts == 1
+    assert rows["421337"].dispatch_status == Status.FAILED and rows["421337"].retry_count == 1
     assert "400 Bad Request: chat not found" in errors_of(rows["421337"])[0]
-    assert rows["1002"].status == Status.FAILED
+    assert rows["1002"].dispatch_status == Status.FAILED
     assert "403 Forbidden: bot was blocked by the user" in errors_of(rows["1002"])[0]
-    assert rows["1003"].status == Status.SENT
+    assert rows["1003"].dispatch_status == Status.SENT
 
     wrong = TelegramMessenger(**{**telegram_api.options(), "auth_token": "1:WRONG"})
     row = run(["1004"], messenger=wrong)["1004"]
-    assert row.status == Status.FAILED
+    assert row.dispatch_status == Status.FAILED
     assert "401 Unauthorized" in errors_of(row)[0]
     assert telegram_api.delivered() == ["1003"]
 
@@ -148,7 +148,7 @@ def test_the_token_never_shows_in_errors_rows_or_logs(run, telegram_api, caplog)
     assert "/bot<token>/sendMessage" in texts[0]  # the URL was there, scrubbed
     assert connection_error.value.__cause__ is None and connection_error.value.__context__ is None
     assert "chat not found" in texts[1]
-    assert [row.status for row in rows] == [Status.ERROR, Status.ERROR, Status.FAILED]
+    assert [row.dispatch_status for row in rows] == [Status.ERROR, Status.ERROR, Status.FAILED]
     errors = [e for row in rows for e in errors_of(row)]
     assert len(errors) == 3
     assert "sendMessage" in caplog.text  # urllib3's debug lines with the URL were captured
@@ -161,7 +161,7 @@ def test_the_token_never_shows_in_errors_rows_or_logs(run, telegram_api, caplog)
 def test_batches_reuse_one_connection(run, telegram_api):
     first = run([str(1000 + i) for i in range(20)])
     second = run([str(2000 + i) for i in range(20)])
-    assert {row.status for row in [*first.values(), *second.values()]} == {Status.SENT}
+    assert {row.dispatch_status for row in [*first.values(), *second.values()]} == {Status.SENT}
     assert len(telegram_api.messages) == 40
     assert telegram_api.connections == 1
 
@@ -208,7 +208,9 @@ def test_a_hundred_messages_through_a_worker_arrive_exactly_once(
     [(message, _)] = schedule_messages("Your order shipped", recipients("telegram", chats))
     assert telegram_api.wait_for(100, timeout=60)
     assert wait_until(
-        lambda: Dispatch.objects.filter(message=message, status=Status.SENT).count() == 100,
+        lambda: (
+            Dispatch.objects.filter(message=message, dispatch_status=Status.SENT).count() == 100
+        ),
         timeout=30,
     )
     elapsed = time.monotonic() - started
@@ -217,6 +219,6 @@ def test_a_hundred_messages_through_a_worker_arrive_exactly_once(
     assert sorted(telegram_api.delivered()) == sorted(chats)  # each exactly once
     assert {m["text"] for m in telegram_api.messages} == {"Your order shipped"}
     for row in Dispatch.objects.filter(message=message):
-        assert row.attempts == 1 and row.provider_message_id == "1"
+        assert row.retry_count == 1 and row.provider_message_id == "1"
     assert telegram_api.connections <= 2  # one per worker process
     assert telegram_api.errors == []

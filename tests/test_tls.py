@@ -186,13 +186,13 @@ def test_an_untrusted_server_is_a_temporary_error_of_the_dispatch(
     try:
         settings.SITEMESSAGE_CA_FILE = None
         [row] = deliver_now("smtp", ["ann@example.com"])
-        assert row.status == Dispatch.Status.ERROR and row.next_attempt_at is not None
+        assert row.dispatch_status == Dispatch.Status.ERROR and row.next_attempt_at is not None
         assert UNTRUSTED in errors_of(row)[0]
         assert server.sink.messages == []
 
         settings.SITEMESSAGE_CA_FILE = str(pki.ca)
         [row] = deliver_now("smtp", ["bob@example.com"])
-        assert row.status == Dispatch.Status.SENT
+        assert row.dispatch_status == Dispatch.Status.SENT
         assert server.sink.recipients() == ["bob@example.com"]
     finally:
         messenger.after_send()

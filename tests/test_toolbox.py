@@ -53,7 +53,7 @@ def test_a_string_becomes_a_plain_text_message_with_one_dispatch_per_recipient(u
         ("ann@example.com", user),
         ("bob@example.com", None),
     ]
-    assert {d.status for d in Dispatch.objects.all()} == {Dispatch.Status.PENDING}
+    assert {d.dispatch_status for d in Dispatch.objects.all()} == {Dispatch.Status.PENDING}
 
 
 def test_recipient_lists_add_up_and_duplicates_are_sent_once():
@@ -226,7 +226,11 @@ def test_schedule_messages_delay_with_a_message_object_a_user_and_an_address(
     assert (message.cls, message.sender) == ("email_plain", sender)
     assert Dispatch.objects.get(address="ann@example.com").recipient == user
     assert wait_until(
-        lambda: set(Dispatch.objects.values_list("status", flat=True)) == {"sent"}, 10
+        lambda: (
+            set(Dispatch.objects.values_list("dispatch_status", flat=True))
+            == {Dispatch.Status.SENT}
+        ),
+        10,
     )
     assert not ScheduleRequest.objects.exists()  # expanded, and deleted with it
     log = worker.text()
@@ -352,12 +356,14 @@ def test_a_task_delivered_twice_sends_nothing_twice(start_worker, smtp_server):
         send_dispatches.apply_async(("smtp", ids), queue="messenger.smtp")
 
     sink.wait_for(30, timeout=30)
-    assert wait_until(lambda: Dispatch.objects.filter(status="sent").count() == 30, 10)
+    assert wait_until(
+        lambda: Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() == 30, 10
+    )
     import time
 
     time.sleep(1.5)  # give the duplicates time to (not) send
     assert sorted(sink.recipients()) == sorted(d.address for d in dispatches)
-    assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
+    assert set(Dispatch.objects.values_list("retry_count", flat=True)) == {1}
     assert not DispatchError.objects.exists()
 
 

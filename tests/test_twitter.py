@@ -79,7 +79,7 @@ def run(twitter_api: FakeX, registries, no_publish, monkeypatch) -> Iterator[Run
 @pytest.mark.django_db
 def test_an_address_makes_a_mention_and_no_address_posts_to_the_timeline(run, twitter_api):
     rows = run(["@ann", "bob", ""], text="Release 1.2 is out")
-    assert {row.status for row in rows.values()} == {Status.SENT}
+    assert {row.dispatch_status for row in rows.values()} == {Status.SENT}
     assert sorted(t["text"] for t in twitter_api.tweets) == [
         "@ann Release 1.2 is out",
         "@bob Release 1.2 is out",
@@ -102,11 +102,11 @@ def test_a_post_over_280_characters_fails_at_once_and_is_not_truncated(run, twit
     fits = "x" * (280 - len("@ann "))
     combining = "e\u0301" * 280  # 560 code points, 280 once normalised (NFC)
     rows = run(["ann"], text=fits)
-    assert rows["ann"].status == Status.SENT
+    assert rows["ann"].dispatch_status == Status.SENT
     rows = run(["", "bob"], text=combining)
-    assert rows[""].status == Status.SENT
-    assert rows["bob"].status == Status.FAILED  # 285 characters with the mention
-    assert rows["bob"].attempts == 1 and rows["bob"].next_attempt_at is None
+    assert rows[""].dispatch_status == Status.SENT
+    assert rows["bob"].dispatch_status == Status.FAILED  # 285 characters with the mention
+    assert rows["bob"].retry_count == 1 and rows["bob"].next_attempt_at is None
     [error] = errors_of(rows["bob"])
     assert "285 characters" in error and "at most 280" in error and "not truncated" in error
     assert [t["mention"] for t in twitter_api.tweets] == ["ann", ""]
@@ -117,7 +117,7 @@ def test_429_is_retried_after_the_rate_limit_reset(run, twitter_api):
     twitter_api.reset_in = 600  # far beyond the first backoff (at most 30 s)
     twitter_api.fail_temporarily("ann", 429)
     row = run(["ann"])["ann"]
-    assert row.status == Status.ERROR
+    assert row.dispatch_status == Status.ERROR
     assert row.next_attempt_at >= datetime.fromtimestamp(twitter_api.last_reset, UTC)
     [error] = errors_of(row)
     assert "429" in error and "Too Many Requests" in error
@@ -127,12 +127,12 @@ def test_429_is_retried_after_the_rate_limit_reset(run, twitter_api):
 @pytest.mark.django_db
 def test_5xx_and_connection_errors_are_temporary(run, twitter_api):
     twitter_api.fail_temporarily("ann", 503)
-    assert run(["ann"])["ann"].status == Status.ERROR
+    assert run(["ann"])["ann"].dispatch_status == Status.ERROR
     down = TwitterMessenger(
         **{**twitter_api.options(), "base_url": f"http://127.0.0.1:{free_port()}"}
     )
     row = run(["bob"], messenger=down)["bob"]
-    assert row.status == Status.ERROR
+    assert row.dispatch_status == Status.ERROR
     assert "cannot reach the X API" in errors_of(row)[0]
 
 
@@ -160,7 +160,7 @@ def test_retry_after_reads_the_reset_time_or_retry_after():
 def test_a_wrong_secret_fails_the_signature_check_and_the_dispatch(run, twitter_api):
     wrong = TwitterMessenger(**{**twitter_api.options(), "api_secret": "not-the-secret"})
     row = run(["ann"], messenger=wrong)["ann"]
-    assert row.status == Status.FAILED and row.attempts == 1
+    assert row.dispatch_status == Status.FAILED and row.retry_count == 1
     [error] = errors_of(row)
     assert "HTTP 401 Unauthorized" in error
     assert "not-the-secret" not in error
@@ -171,10 +171,10 @@ def test_a_wrong_secret_fails_the_signature_check_and_the_dispatch(run, twitter_
 def test_403_is_permanent_with_the_api_detail(run, twitter_api):
     twitter_api.fail_permanently("ann")
     rows = run(["ann", "bob"], text="Same words")
-    assert rows["ann"].status == Status.FAILED
+    assert rows["ann"].dispatch_status == Status.FAILED
     assert "You are not permitted to perform this action." in errors_of(rows["ann"])[0]
     rows = run(["bob"], text="Same words")  # X refuses duplicate content
-    assert rows["bob"].status == Status.FAILED
+    assert rows["bob"].dispatch_status == Status.FAILED
     [error] = errors_of(rows["bob"])
     assert "HTTP 403 Forbidden: You are not allowed to create a Tweet with duplicate" in error
     assert twitter_api.delivered() == ["bob"]
@@ -184,7 +184,7 @@ def test_403_is_permanent_with_the_api_detail(run, twitter_api):
 def test_batches_reuse_one_connection(run, twitter_api):
     first = run([f"user{i}" for i in range(20)])
     second = run([f"user{i}" for i in range(20, 40)])
-    assert {row.status for row in [*first.values(), *second.values()]} == {Status.SENT}
+    assert {row.dispatch_status for row in [*first.values(), *second.values()]} == {Status.SENT}
     assert len(twitter_api.tweets) == 40
     assert twitter_api.connections == 1
 
@@ -235,7 +235,9 @@ def test_a_hundred_posts_through_a_worker_arrive_exactly_once(
     [(message, _)] = schedule_messages("Weekly digest", recipients("twitter", names))
     assert twitter_api.wait_for(100, timeout=60)
     assert wait_until(
-        lambda: Dispatch.objects.filter(message=message, status=Status.SENT).count() == 100,
+        lambda: (
+            Dispatch.objects.filter(message=message, dispatch_status=Status.SENT).count() == 100
+        ),
         timeout=30,
     )
     elapsed = time.monotonic() - started
@@ -244,7 +246,7 @@ def test_a_hundred_posts_through_a_worker_arrive_exactly_once(
     assert sorted(twitter_api.delivered()) == sorted(names)  # each exactly once
     ids = {t["mention"]: t["id"] for t in twitter_api.tweets}
     for row in Dispatch.objects.filter(message=message):
-        assert row.attempts == 1
+        assert row.retry_count == 1
         assert row.provider_message_id == ids[row.address]
     assert twitter_api.connections <= 2  # one per worker process
     assert twitter_api.auth_failures == [] and twitter_api.errors == []

@@ -126,7 +126,7 @@ class TestDelivery:
         texts = ["Hello <b>&amp; 'you'</b>", "Zweite Nachricht: grüß dich ✓\nline two"]
         rows = deliver_now(messenger, texts, ADDRESSES)
 
-        assert {row.status for row in rows} == {Status.SENT}
+        assert {row.dispatch_status for row in rows} == {Status.SENT}
         for address, client in online.items():
             client.sync()
             assert texts_of(client) == texts, address
@@ -135,11 +135,11 @@ class TestDelivery:
         }
 
     def test_a_dropped_session_is_replaced_on_the_next_batch(self, messenger, online, prosody):
-        assert deliver_now(messenger, ["before"], ADDRESSES[:1])[0].status == Status.SENT
+        assert deliver_now(messenger, ["before"], ADDRESSES[:1])[0].dispatch_status == Status.SENT
         prosody.restart()
         assert wait_until(lambda: online[ADDRESSES[0]].online.is_set(), timeout=10)
 
-        assert deliver_now(messenger, ["after"], ADDRESSES[:1])[0].status == Status.SENT
+        assert deliver_now(messenger, ["after"], ADDRESSES[:1])[0].dispatch_status == Status.SENT
         online[ADDRESSES[0]].sync()
         assert texts_of(online[ADDRESSES[0]]) == ["before", "after"]
 
@@ -154,19 +154,21 @@ class TestDelivery:
             rows = deliver_now(messenger, ["into the void"], ADDRESSES[:2])
         finally:
             os.kill(prosody.proc.pid, signal.SIGCONT)
-        assert {row.status for row in rows} == {Status.ERROR}
+        assert {row.dispatch_status for row in rows} == {Status.ERROR}
         errors = DispatchError.objects.filter(dispatch__in=rows)
-        assert all("did not acknowledge" in e.error for e in errors), [e.error for e in errors]
+        assert all("did not acknowledge" in e.error_log for e in errors), [
+            e.error_log for e in errors
+        ]
 
         rows = deliver_now(messenger, ["later"], ADDRESSES[:1])  # logs in again
-        assert rows[0].status == Status.SENT
+        assert rows[0].dispatch_status == Status.SENT
 
     def test_a_body_xml_cannot_carry_fails_and_the_session_survives(self, messenger, online):
         [bad] = deliver_now(messenger, ["bell \x07 rings"], ADDRESSES[:1])
-        assert bad.status == Status.FAILED
-        assert "XML cannot carry" in DispatchError.objects.get(dispatch=bad).error
+        assert bad.dispatch_status == Status.FAILED
+        assert "XML cannot carry" in DispatchError.objects.get(dispatch=bad).error_log
         [good] = deliver_now(messenger, ["fine"], ADDRESSES[:1])
-        assert good.status == Status.SENT
+        assert good.dispatch_status == Status.SENT
 
     def test_wrong_password_is_a_clear_error_and_nothing_is_sent(self, prosody, online):
         messenger = make_messenger(prosody, password="not-the-password")
@@ -179,9 +181,9 @@ class TestDelivery:
         message = str(info.value)
         assert SENDER in message and "not-authorized" in message
         assert "not-the-password" not in message
-        assert {row.status for row in rows} == {Status.ERROR}
+        assert {row.dispatch_status for row in rows} == {Status.ERROR}
         for error in DispatchError.objects.filter(dispatch__in=rows):
-            assert SENDER in error.error and "not-the-password" not in error.error
+            assert SENDER in error.error_log and "not-the-password" not in error.error_log
         assert all(not client.received() for client in online.values())
 
     def test_server_down_is_a_temporary_error(self, prosody):
@@ -193,8 +195,8 @@ class TestDelivery:
         finally:
             messenger.after_send()
         assert time.monotonic() - started < 3  # refused at once, no login timeout
-        assert row.status == Status.ERROR and row.next_attempt_at is not None
-        assert "cannot connect" in DispatchError.objects.get(dispatch=row).error
+        assert row.dispatch_status == Status.ERROR and row.next_attempt_at is not None
+        assert "cannot connect" in DispatchError.objects.get(dispatch=row).error_log
 
     def test_tls_is_required_by_default(self, prosody):
         # This server offers no STARTTLS: the default messenger must not log in in the clear.
@@ -259,8 +261,8 @@ class TestWithoutStreamManagement:
         message = str(info.value)
         assert "did not enable stream management (XEP-0198)" in message
         assert "require_stream_management=False" in message  # says how to opt in
-        assert row.status == Status.ERROR
-        assert "stream management" in DispatchError.objects.get(dispatch=row).error
+        assert row.dispatch_status == Status.ERROR
+        assert "stream management" in DispatchError.objects.get(dispatch=row).error_log
         for client in online_no_smacks.values():
             client.sync()
             assert client.received() == []
@@ -272,7 +274,7 @@ class TestWithoutStreamManagement:
         rows = deliver_now(unconfirmed, ["first"], ADDRESSES)
         rows += deliver_now(unconfirmed, ["second", "third ✓"], ADDRESSES)
 
-        assert {row.status for row in rows} == {Status.SENT}
+        assert {row.dispatch_status for row in rows} == {Status.SENT}
         assert [row.provider_message_id for row in rows] == [
             f"{xmpp.UNCONFIRMED}sitemessage.{row.message_id}.{row.pk}" for row in rows
         ]
@@ -290,14 +292,14 @@ class TestWithoutStreamManagement:
     ):
         nobody = f"nobody@{DOMAIN}"
         rows = deliver_now(unconfirmed, ["hi"], [ADDRESSES[0], nobody, ADDRESSES[1]])
-        statuses = {row.address: row.status for row in rows}
+        statuses = {row.address: row.dispatch_status for row in rows}
         assert statuses == {
             ADDRESSES[0]: Status.SENT,
             nobody: Status.FAILED,
             ADDRESSES[1]: Status.SENT,
         }
         [bounced] = [row for row in rows if row.address == nobody]
-        assert "service-unavailable" in DispatchError.objects.get(dispatch=bounced).error
+        assert "service-unavailable" in DispatchError.objects.get(dispatch=bounced).error_log
         assert bounced.provider_message_id == ""
 
     def test_a_server_that_does_not_answer_gets_nothing_marked_sent(
@@ -311,12 +313,14 @@ class TestWithoutStreamManagement:
             rows = deliver_now(unconfirmed, ["into the void"], ADDRESSES[:2])
         finally:
             os.kill(prosody_no_smacks.proc.pid, signal.SIGCONT)
-        assert {row.status for row in rows} == {Status.ERROR}
+        assert {row.dispatch_status for row in rows} == {Status.ERROR}
         errors = DispatchError.objects.filter(dispatch__in=rows)
-        assert all("did not answer the ping" in e.error for e in errors), [e.error for e in errors]
+        assert all("did not answer the ping" in e.error_log for e in errors), [
+            e.error_log for e in errors
+        ]
 
         [row] = deliver_now(unconfirmed, ["later"], ADDRESSES[:1])  # logs in again
-        assert row.status == Status.SENT
+        assert row.dispatch_status == Status.SENT
 
     def test_send_test_message_says_unconfirmed(self, unconfirmed, online_no_smacks):
         provider_id = unconfirmed.send_test_message(ADDRESSES[2], "probe")
@@ -331,7 +335,7 @@ class TestWithoutStreamManagement:
             rows = deliver_now(messenger, ["acknowledged"], ADDRESSES)
         finally:
             messenger.after_send()
-        assert {row.status for row in rows} == {Status.SENT}
+        assert {row.dispatch_status for row in rows} == {Status.SENT}
         assert not any(row.provider_message_id.startswith(xmpp.UNCONFIRMED) for row in rows)
         assert unconfirmed_notes(caplog) == []
 
@@ -395,7 +399,7 @@ def schedule_500(server: Prosody) -> list[str]:
 
 
 def sent() -> int:
-    return Dispatch.objects.filter(status=Status.SENT).count()
+    return Dispatch.objects.filter(dispatch_status=Status.SENT).count()
 
 
 @pytest.mark.e2e
@@ -408,7 +412,7 @@ def test_500_messages_through_a_worker_arrive_exactly_once(
     texts = schedule_500(prosody)
 
     assert wait_until(lambda: sent() == 500, timeout=60), Counter(
-        Dispatch.objects.values_list("status", flat=True)
+        Dispatch.objects.values_list("dispatch_status", flat=True)
     )
     for client in five_online:
         assert client.wait_for(N_MESSAGES, timeout=10)
@@ -419,7 +423,7 @@ def test_500_messages_through_a_worker_arrive_exactly_once(
     for client in five_online:
         client.sync()
         assert sorted(texts_of(client)) == texts, client.jid  # each exactly once
-    assert set(Dispatch.objects.values_list("attempts", flat=True)) == {1}
+    assert set(Dispatch.objects.values_list("retry_count", flat=True)) == {1}
 
 
 @pytest.mark.e2e
@@ -438,7 +442,7 @@ def test_500_messages_survive_a_server_restart(
     while sent() < 500 and time.monotonic() < deadline:
         sweep()  # what beat would do: publish the retries that are due
         time.sleep(0.5)
-    statuses = Counter(Dispatch.objects.values_list("status", flat=True))
+    statuses = Counter(Dispatch.objects.values_list("dispatch_status", flat=True))
     assert statuses == {Status.SENT: 500}, (statuses, worker.text()[-3000:])
     retried = DispatchError.objects.count()
     print(f"\nrestart after {at_restart} sent; {retried} attempts failed and were retried")
@@ -461,11 +465,13 @@ def test_wrong_password_through_a_worker(prosody, five_online, start_worker, reg
     register_messenger_objects(make_messenger(prosody))
     schedule_messages("hello", recipients("xmppsleek", ADDRESSES_E2E[:3]))
 
-    assert wait_until(lambda: Dispatch.objects.filter(status=Status.ERROR).count() == 3, timeout=30)
+    assert wait_until(
+        lambda: Dispatch.objects.filter(dispatch_status=Status.ERROR).count() == 3, timeout=30
+    )
     assert sent() == 0
     for error in DispatchError.objects.all():
-        assert f"refused the login of {SENDER!r}" in error.error
-        assert "wrong-secret" not in error.error
+        assert f"refused the login of {SENDER!r}" in error.error_log
+        assert "wrong-secret" not in error.error_log
     assert "wrong-secret" not in worker.text()
     assert all(not client.received() for client in five_online)
 
@@ -482,7 +488,7 @@ def test_500_messages_without_stream_management_through_a_worker(
     texts = schedule_500(prosody_no_smacks)
 
     assert wait_until(lambda: sent() == 500, timeout=60), Counter(
-        Dispatch.objects.values_list("status", flat=True)
+        Dispatch.objects.values_list("dispatch_status", flat=True)
     )
     for client in five_online_no_smacks:
         assert client.wait_for(N_MESSAGES, timeout=10)

@@ -9,10 +9,11 @@ none of the task code. Task arguments are ids only: dispatch ids, or a schedule 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from celery import current_app
-from kombu.exceptions import KombuError
+from kombu.exceptions import ChannelError, KombuError
 
 from .queues import DEFAULT_QUEUE, SCHEDULE_MESSAGES, SEND_DISPATCHES, queue_for
 
@@ -56,6 +57,35 @@ def publish_schedule_request(request_id: int, **options: Any) -> Any:
 def result_of(task_id: str) -> Any:
     """The AsyncResult of a task that is (or will be) published with this id."""
     return current_app.AsyncResult(task_id)
+
+
+def queue_lengths(aliases: Iterable[str]) -> dict[str, int | None]:
+    """The number of tasks waiting (not taken by a worker) in each messenger's queue: 0 for a
+    queue the broker does not know (Redis drops an empty one), None when it could not tell."""
+    lengths: dict[str, int | None] = {}
+    try:
+        with current_app.connection_for_write() as conn:
+            missing: tuple[type[BaseException], ...] = (ChannelError, *conn.channel_errors)
+            closing: tuple[type[BaseException], ...] = (*BROKER_ERRORS, *missing)
+            for alias in aliases:
+                # A channel each: RabbitMQ closes a channel whose passive declare fails.
+                channel: Any = conn.channel()
+                try:
+                    lengths[alias] = channel.queue_declare(
+                        queue_for(alias), passive=True
+                    ).message_count
+                except missing:  # no such queue: nothing waits in it
+                    lengths[alias] = 0
+                except BROKER_ERRORS:
+                    lengths[alias] = None
+                finally:
+                    try:
+                        channel.close()
+                    except closing:
+                        pass
+    except BROKER_ERRORS:
+        logger.warning("could not ask the broker for its queue lengths", exc_info=True)
+    return lengths
 
 
 def check_broker(timeout: int) -> None:

@@ -37,10 +37,10 @@ def published_ids(tasks: list[tuple[str, list[Any]]]) -> list[int]:
 
 
 def make_dispatch(
-    status: str,
+    status: int,
     address: str = "someone@example.com",
     messenger: str = "smtp",
-    attempts: int = 1,
+    retry_count: int = 1,
     priority: int = 0,
     errors: list[str] | None = None,
     **fields: Any,
@@ -54,8 +54,8 @@ def make_dispatch(
         message=message_model,
         messenger=messenger,
         address=address,
-        status=status,
-        attempts=attempts,
+        dispatch_status=status,
+        retry_count=retry_count,
         **fields,
     )
     for n, error in enumerate(errors or [], start=1):
@@ -63,7 +63,7 @@ def make_dispatch(
             dispatch=dispatch,
             attempt=n,
             exc_type="PermanentDeliveryError",
-            error=error,
+            error_log=error,
             time_created=timezone.now() - timedelta(seconds=len(errors or []) - n),
         )
     return dispatch

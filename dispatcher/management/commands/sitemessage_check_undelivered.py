@@ -75,10 +75,10 @@ class Command(BaseCommand):
 
 def undelivered(now: datetime) -> list[Undelivered]:
     """Counts per messenger, with the most recent error of each."""
-    stuck = Q(status=Status.PROCESSING, lease_expires_at__lt=now)
-    queryset = Dispatch.objects.filter(Q(status=Status.FAILED) | stuck)
+    stuck = Q(dispatch_status=Status.PROCESSING, lease_expires_at__lt=now)
+    queryset = Dispatch.objects.filter(Q(dispatch_status=Status.FAILED) | stuck)
     counts = queryset.values("messenger").annotate(
-        failed=Count("pk", filter=Q(status=Status.FAILED)),
+        failed=Count("pk", filter=Q(dispatch_status=Status.FAILED)),
         stuck=Count("pk", filter=stuck),
     )
     rows = []
@@ -93,7 +93,7 @@ def undelivered(now: datetime) -> list[Undelivered]:
             row.last_error = (
                 f"dispatch {error.dispatch_id}, attempt {error.attempt}, "
                 f"{error.time_created:%Y-%m-%d %H:%M:%S}: "
-                f"{error.exc_type + ': ' if error.exc_type else ''}{error.error[:ERROR_PREVIEW]}"
+                f"{error.exc_type + ': ' if error.exc_type else ''}{error.error_log[:ERROR_PREVIEW]}"
             )
         elif row.stuck:
             row.last_error = "no error recorded: the worker died before writing an outcome"
@@ -136,7 +136,7 @@ def send_report(to: list[str], subject: str, text: str) -> None:
         cool_down(messenger)
     if result.sent < len(ids):
         errors = DispatchError.objects.filter(dispatch_id__in=ids).order_by("pk")
-        reasons = "; ".join(f"{e.exc_type}: {e.error[:ERROR_PREVIEW]}" for e in errors)
+        reasons = "; ".join(f"{e.exc_type}: {e.error_log[:ERROR_PREVIEW]}" for e in errors)
         raise CommandError(
             f"sending the report failed for {len(ids) - result.sent} of {len(ids)} "
             f"addresses: {reasons or 'no error recorded'}"
