@@ -11,12 +11,12 @@ AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672//
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## Create .venv and install requirements.txt
+install: $(VENV)/.installed ## Create .venv and install requirements.txt and requirements-dev.txt
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
 run: install ## Start Redis if needed, migrate, then workers, beat, Flower, admin, SMTP sink

@@ -13,7 +13,13 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-import requests
+try:
+    import requests
+except ModuleNotFoundError as exc:  # an optional dependency: name the extra that installs it
+    raise ModuleNotFoundError(
+        f"TelegramMessenger needs {exc.name}: pip install 'sitemessage-celery[telegram]'",
+        name=exc.name,
+    ) from exc
 
 from .base import MessengerBase, use_tls_context
 from .exceptions import (

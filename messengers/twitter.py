@@ -10,8 +10,14 @@ import unicodedata
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
-import requests
-import tweepy
+try:
+    import requests
+    import tweepy
+except ModuleNotFoundError as exc:  # an optional dependency: name the extra that installs it
+    raise ModuleNotFoundError(
+        f"TwitterMessenger needs {exc.name}: pip install 'sitemessage-celery[twitter]'",
+        name=exc.name,
+    ) from exc
 
 from .base import MessengerBase, use_tls_context
 from .exceptions import (

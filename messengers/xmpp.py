@@ -24,9 +24,15 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from slixmpp import JID, ClientXMPP
-from slixmpp.jid import InvalidJID
-from slixmpp.stanza import Message as Stanza
+try:
+    from slixmpp import JID, ClientXMPP
+    from slixmpp.jid import InvalidJID
+    from slixmpp.stanza import Message as Stanza
+except ModuleNotFoundError as exc:  # an optional dependency: name the extra that installs it
+    raise ModuleNotFoundError(
+        f"XMPPSleekMessenger needs {exc.name}: pip install 'sitemessage-celery[xmpp]'",
+        name=exc.name,
+    ) from exc
 
 from .base import MessengerBase, tls_context
 from .exceptions import (
