@@ -53,3 +53,19 @@ def schedule_telegram_message(
 ) -> Any:
     """Sends ``message`` to Telegram chat ids or @channels (or users) ``to``."""
     return schedule_messages(message, recipients("telegram", to), sender=sender, priority=priority)
+
+
+def schedule_facebook_message(
+    message: Any, sender: Any = None, priority: int | None = None, *, to: Any = ""
+) -> Any:
+    """Publishes ``message`` (a text, or a single URL posted as a link) on the Facebook Page of
+    the 'fb' messenger's token; ``to`` names the Page id when it has tokens for several."""
+    return schedule_messages(message, recipients("fb", to), sender=sender, priority=priority)
+
+
+def schedule_vkontakte_message(
+    message: Any, to: Any, sender: Any = None, priority: int | None = None
+) -> Any:
+    """Posts ``message`` (a text, or a single URL posted as a link) on the VK walls ``to``: user
+    ids, community ids as negative numbers, or users with a ``vkontakte`` attribute."""
+    return schedule_messages(message, recipients("vk", to), sender=sender, priority=priority)

@@ -29,6 +29,8 @@ BUILTIN_MESSENGERS = {
     "xmppsleek": "messengers.xmpp.XMPPSleekMessenger",
     "twitter": "messengers.twitter.TwitterMessenger",
     "telegram": "messengers.telegram.TelegramMessenger",
+    "fb": "messengers.facebook.FacebookMessenger",
+    "vk": "messengers.vkontakte.VKontakteMessenger",
 }
 
 logger = logging.getLogger(__name__)

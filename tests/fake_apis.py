@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from email.message import Message as Headers
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import pytest
 
@@ -480,6 +480,396 @@ def twitter_api() -> Iterator[FakeX]:
 @pytest.fixture
 def telegram_api() -> Iterator[FakeTelegram]:
     api = FakeTelegram()
+    api.start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+# --- Facebook Graph API ------------------------------------------------------------------
+
+
+def _fb_error(
+    status: int,
+    code: int,
+    message: str,
+    subcode: int | None = None,
+    transient: bool | None = None,
+    kind: str = "OAuthException",
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    error: dict[str, Any] = {"message": message, "type": kind, "code": code}
+    if subcode is not None:
+        error["error_subcode"] = subcode
+    if transient is not None:
+        error["is_transient"] = transient
+    error["fbtrace_id"] = base64.b64encode(random.randbytes(8)).decode().rstrip("=")
+    return status, headers or {}, {"error": error}
+
+
+def _cursor(index: int) -> str:
+    return base64.b64encode(str(index).encode()).decode().rstrip("=")
+
+
+class FakeFacebook(FakeAPI):
+    """The Graph API as graph.facebook.com serves it: ``POST /{version}/{page-id|me}/feed``
+    with a Page access token, and for ``get_page_access_token()`` ``GET
+    /{version}/oauth/access_token`` (``fb_exchange_token``) and ``GET /{version}/me/accounts``
+    (cursor-paged). Errors are ``{"error": {"message", "type", "code", "error_subcode",
+    "fbtrace_id"}}``; a throttled Page gets code 32 and an ``X-Business-Use-Case-Usage`` header
+    with ``estimated_time_to_regain_access`` in minutes."""
+
+    app_id = "1234567890123456"
+    app_secret = "fake0app0secret0abcdef0123456789"
+    user_token = "EAAFakeShortLivedUserToken0123456789abcdefghij"
+    #: Page id -> (name, Page access token); the user manages them all, and one more Page
+    #: whose token Facebook does not return (the user has no task on it).
+    pages = {
+        "104000000000001": ("Sitemessage News", "EAAFakePageTokenNews0123456789abcdefghijkl"),
+        "104000000000002": ("Sitemessage Jobs", "EAAFakePageTokenJobs0123456789abcdefghijkl"),
+        "104000000000003": ("Sitemessage Blog", "EAAFakePageTokenBlog0123456789abcdefghijkl"),
+    }
+    no_task_page = ("104000000000009", "Someone Else's Page")
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Accepted posts: {"page", "message", "link", "id"}.
+        self.posts: list[dict[str, str]] = []
+        #: Pages whose token was invalidated (190/460), and the request paths seen.
+        self.revoked: set[str] = set()
+        self.paths: list[str] = []
+        #: Minutes a throttled Page waits, reported in X-Business-Use-Case-Usage.
+        self.regain_minutes = 5
+        #: Most /me/accounts entries per page of results.
+        self.max_accounts_per_page = 25
+        self.long_lived_token: str | None = None
+        self._ids = itertools.count(random.randrange(10**15, 9 * 10**15))
+
+    def options(self) -> dict[str, Any]:
+        """Options of a FacebookMessenger with a token for each Page of this server."""
+        return {
+            "page_access_token": {page: token for page, (_, token) in self.pages.items()},
+            "base_url": self.url,
+            "timeout": 5,
+        }
+
+    def delivered(self) -> list[str]:
+        with self.lock:
+            return [post["page"] for post in self.posts]
+
+    def fail_permanently(self, page_id: str) -> None:
+        with self.lock:
+            self.revoked.add(page_id)
+
+    def respond(self, method: str, path: str, headers: Headers, body: bytes) -> Reply:
+        url = urlsplit(path)
+        with self.lock:
+            self.paths.append(url.path)
+        params = dict(parse_qsl(url.query, keep_blank_values=True))
+        if "x-www-form-urlencoded" in headers.get("Content-Type", ""):
+            params.update(parse_qsl(body.decode(), keep_blank_values=True))
+        scheme, _, credential = headers.get("Authorization", "").partition(" ")
+        if scheme in ("Bearer", "OAuth") and credential:
+            params.setdefault("access_token", credential)
+        match = re.fullmatch(r"(?:/v\d+\.\d+)?/([^/]+)(?:/(\w+))?/?", url.path)
+        node, edge = (match[1], match[2]) if match else ("", None)
+        if (method, node, edge) == ("GET", "oauth", "access_token"):
+            return self._exchange(params)
+        if (method, node, edge) == ("GET", "me", "accounts"):
+            return self._accounts(params)
+        if (method, edge) == ("POST", "feed"):
+            return self._feed(node, params)
+        return _fb_error(
+            400,
+            100,
+            f"Unsupported {method.lower()} request. Object with ID '{node}' does not exist, "
+            "cannot be loaded due to missing permissions, or does not support this operation.",
+            subcode=33,
+            kind="GraphMethodException",
+        )
+
+    def _page_of(self, token: str) -> str | None:
+        return next((page for page, (_, t) in self.pages.items() if t == token), None)
+
+    def _feed(self, node: str, params: dict[str, str]) -> Reply:
+        token = params.get("access_token", "")
+        if not token:
+            return _fb_error(
+                400, 2500, "An active access token must be used to query information about "
+                "the current user."
+            )  # fmt: skip
+        page = self._page_of(token)
+        if page is None:
+            return _fb_error(400, 190, f"Malformed access token {token}")
+        if page in self.revoked:
+            return _fb_error(
+                400, 190, "Error validating access token: The session has been invalidated "
+                "because the user changed their password or Facebook has changed the session "
+                "for security reasons.", subcode=460,
+            )  # fmt: skip
+        target = page if node == "me" else node
+        if target not in self.pages:
+            return _fb_error(
+                400, 100, f"Unsupported post request. Object with ID '{node}' does not exist, "
+                "cannot be loaded due to missing permissions, or does not support this "
+                "operation.", subcode=33, kind="GraphMethodException",
+            )  # fmt: skip
+        if target != page:
+            return _fb_error(
+                403, 200, "(#200) If posting to a page, requires both pages_read_engagement "
+                "and pages_manage_posts as an admin with sufficient administrative permission",
+            )  # fmt: skip
+        message, link = params.get("message", ""), params.get("link", "")
+        if not message.strip() and not link:
+            return _fb_error(400, 100, "(#100) Missing message or attachment")
+        with self.lock:
+            if target in self.temporary:
+                return self._temporary(target, self.temporary[target])
+            mine = [post for post in self.posts if post["page"] == target]
+            if mine and (mine[-1]["message"], mine[-1]["link"]) == (message, link):
+                return _fb_error(400, 506, "(#506) Duplicate status message")
+            post_id = f"{target}_{next(self._ids)}"
+            self.posts.append({"page": target, "message": message, "link": link, "id": post_id})
+        return 200, {}, {"id": post_id}
+
+    def _temporary(self, page: str, status: int) -> Reply:
+        if status == 429:  # Facebook throttles with code 32 and HTTP 400, not 429
+            usage = {
+                page: [
+                    {
+                        "type": "pages",
+                        "call_count": 100,
+                        "total_cputime": 12,
+                        "total_time": 15,
+                        "estimated_time_to_regain_access": self.regain_minutes,
+                    }
+                ]
+            }
+            return _fb_error(
+                400,
+                32,
+                "(#32) Page request limit reached",
+                transient=True,
+                headers={"X-Business-Use-Case-Usage": json.dumps(usage)},
+            )
+        return _fb_error(status, 2, "Service temporarily unavailable", transient=True)
+
+    def _exchange(self, params: dict[str, str]) -> Reply:
+        if params.get("grant_type") != "fb_exchange_token":
+            return _fb_error(400, 100, "(#100) Invalid grant_type")
+        if params.get("client_id") != self.app_id:
+            return _fb_error(400, 101, "Error validating application. Invalid application ID.")
+        if params.get("client_secret") != self.app_secret:
+            return _fb_error(400, 1, "Error validating client secret.")
+        if params.get("fb_exchange_token") != self.user_token:
+            return _fb_error(400, 190, "Invalid OAuth access token - Cannot parse access token")
+        with self.lock:
+            self.long_lived_token = f"EAAFakeLongLived{random.randrange(10**20, 10**21)}"
+        body = {
+            "access_token": self.long_lived_token,
+            "token_type": "bearer",
+            "expires_in": 5183944,
+        }
+        return 200, {}, body
+
+    def _accounts(self, params: dict[str, str]) -> Reply:
+        token = params.get("access_token")
+        if not token or token not in (self.long_lived_token, self.user_token):
+            return _fb_error(400, 190, "Invalid OAuth access token - Cannot parse access token")
+        entries: list[dict[str, Any]] = [
+            {
+                "access_token": page_token,
+                "category": "Software",
+                "category_list": [{"id": "2211", "name": "Software"}],
+                "name": name,
+                "id": page,
+                "tasks": ["ANALYZE", "ADVERTISE", "MODERATE", "CREATE_CONTENT", "MANAGE"],
+            }
+            for page, (name, page_token) in self.pages.items()
+        ]
+        entries.insert(1, {"name": self.no_task_page[1], "id": self.no_task_page[0]})
+        fields = [f for f in params.get("fields", "").split(",") if f]
+        if fields:
+            entries = [{k: v for k, v in e.items() if k in fields or k == "id"} for e in entries]
+        try:
+            limit = min(int(params.get("limit", 25)), self.max_accounts_per_page)
+            start = int(base64.b64decode(params["after"] + "==")) + 1 if "after" in params else 0
+        except ValueError:
+            return _fb_error(400, 100, "(#100) Invalid cursor or limit")
+        chunk = entries[start : start + limit]
+        paging: dict[str, Any] = {"cursors": {"before": _cursor(start)}}
+        if chunk:
+            paging["cursors"]["after"] = _cursor(start + len(chunk) - 1)
+        if start + limit < len(entries):
+            query = urlencode({**params, "after": paging["cursors"]["after"]})
+            paging["next"] = f"{self.url}/v24.0/me/accounts?{query}"
+        return 200, {}, {"data": chunk, "paging": paging}
+
+
+# --- VK API ------------------------------------------------------------------------------
+
+
+class FakeVK(FakeAPI):
+    """The VK API as api.vk.com serves ``wall.post`` (``POST /method/wall.post``, parameters in
+    the query or the form body): every answer is HTTP 200, errors are ``{"error":
+    {"error_code", "error_msg", "request_params"}}``; and ``GET /authorize`` as oauth.vk.com
+    serves the implicit flow to a user who is logged in and allows the application."""
+
+    app_id = "51234567"
+    user_id = 714000001
+    token = "vk1.a.FakeUserAccessTokenForTests_0123456789abcdefghijklmnopqrstuvwxyz"
+    #: Communities the user administers: id -> name.
+    groups = {212000001: "Sitemessage News", 212000002: "Sitemessage Jobs"}
+    #: VK error codes and texts of the temporary failures fail_temporarily() can set.
+    messages = {
+        6: "Too many requests per second",
+        9: "Flood control",
+        10: "Internal server error",
+        29: "Rate limit reached",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Accepted posts: {"owner_id", "post_id", "message", "attachments", "from_group", "v",
+        #: "guid"}.
+        self.posts: list[dict[str, Any]] = []
+        #: Walls that refuse posts (214), and access tokens with their scopes.
+        self.closed: set[str] = set()
+        self.tokens: dict[str, set[str]] = {self.token: {"wall", "offline"}}
+        self._next_id: dict[int, int] = {}
+
+    def options(self) -> dict[str, Any]:
+        """Options of a VKontakteMessenger that this server accepts."""
+        return {"access_token": self.token, "base_url": self.url, "timeout": 5}
+
+    def delivered(self) -> list[str]:
+        with self.lock:
+            return [str(post["owner_id"]) for post in self.posts]
+
+    def fail_temporarily(self, address: str, status: int = 6) -> None:
+        """``status``: a VK error code (answered with HTTP 200), 429 (code 6), or an HTTP 5xx."""
+        super().fail_temporarily(address, 6 if status == 429 else status)
+
+    def fail_permanently(self, address: str) -> None:
+        with self.lock:
+            self.closed.add(address)
+
+    def respond(self, method: str, path: str, headers: Headers, body: bytes) -> Reply:
+        url = urlsplit(path)
+        params = dict(parse_qsl(url.query, keep_blank_values=True))
+        if "x-www-form-urlencoded" in headers.get("Content-Type", ""):
+            params.update(parse_qsl(body.decode(), keep_blank_values=True))
+        if (method, url.path) == ("GET", "/authorize"):
+            return self._authorize(params)
+        match = re.fullmatch(r"/method/([\w.]+)", url.path)
+        if not match:
+            return 404, {}, {}
+        api_method = match[1]
+
+        def error(code: int, message: str) -> Reply:
+            echoed = [{"key": "method", "value": api_method}, {"key": "oauth", "value": "1"}]
+            echoed += [{"key": k, "value": v} for k, v in params.items() if k != "access_token"]
+            return 200, {}, {"error": {"error_code": code, "error_msg": message,
+                                       "request_params": echoed}}  # fmt: skip
+
+        token = params.get("access_token", "")
+        scheme, _, credential = headers.get("Authorization", "").partition(" ")
+        token = token or (credential if scheme == "Bearer" else "")
+        if not token:
+            return error(5, "User authorization failed: no access_token passed.")
+        if token not in self.tokens:
+            return error(5, "User authorization failed: invalid access_token (4).")
+        if not params.get("v"):
+            return error(8, "Invalid request: v (version) is required")
+        if api_method != "wall.post":
+            return error(3, "Unknown method passed")
+        if "wall" not in self.tokens[token]:
+            return error(15, "Access denied: no access to call this method")
+        try:
+            owner = int(params.get("owner_id") or self.user_id)
+        except ValueError:
+            return error(100, "One of the parameters specified was missing or invalid: "
+                              "owner_id not integer")  # fmt: skip
+        message, attachments = params.get("message", ""), params.get("attachments", "")
+        if not message.strip() and not attachments:
+            return error(100, "One of the parameters specified was missing or invalid: "
+                              "message is empty or invalid")  # fmt: skip
+        address = str(owner)
+        with self.lock:
+            if address in self.temporary:
+                code = self.temporary[address]
+                if code >= 500:
+                    return code, {}, {}
+                return error(code, self.messages.get(code, "Unknown error occurred"))
+            allowed = owner == self.user_id or -owner in self.groups
+            if address in self.closed or not allowed:
+                return error(214, "Access to adding post denied: access to the wall is closed")
+            guid = params.get("guid")
+            for post in self.posts:
+                if guid and (post["owner_id"], post["guid"]) == (owner, guid):
+                    return 200, {}, {"response": {"post_id": post["post_id"]}}
+            post_id = self._next_id.get(owner, 1)
+            self._next_id[owner] = post_id + 1
+            self.posts.append(
+                {
+                    "owner_id": owner,
+                    "post_id": post_id,
+                    "message": message,
+                    "attachments": attachments,
+                    "from_group": params.get("from_group", "0"),
+                    "v": params["v"],
+                    "guid": guid,
+                }
+            )
+        return 200, {}, {"response": {"post_id": post_id}}
+
+    def _authorize(self, params: dict[str, str]) -> Reply:
+        def refuse(error: str, description: str) -> Reply:
+            return 400, {}, {"error": error, "error_description": description}
+
+        if params.get("client_id") != self.app_id:
+            return (
+                401,
+                {},
+                {"error": "invalid_client", "error_description": "client_id is incorrect"},
+            )
+        if params.get("response_type") != "token":
+            return refuse("unsupported_response_type", "response_type is incorrect")
+        if params.get("redirect_uri") != "https://oauth.vk.com/blank.html":
+            return refuse(
+                "invalid_request", "redirect_uri is incorrect, check application domain in the "
+                "settings page",
+            )  # fmt: skip
+        if not params.get("v"):
+            return refuse("invalid_request", "v is required")
+        scope = {s for s in params.get("scope", "").split(",") if s}
+        token = f"vk1.a.FakeGranted{random.randrange(10**20, 10**21)}"
+        with self.lock:
+            self.tokens[token] = scope
+        fragment = urlencode(
+            {
+                "access_token": token,
+                "expires_in": 0 if "offline" in scope else 86400,
+                "user_id": self.user_id,
+            }
+        )
+        return 302, {"Location": f"{params['redirect_uri']}#{fragment}"}, {}
+
+
+@pytest.fixture
+def facebook_api() -> Iterator[FakeFacebook]:
+    api = FakeFacebook()
+    api.start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture
+def vk_api() -> Iterator[FakeVK]:
+    api = FakeVK()
     api.start()
     try:
         yield api

@@ -1,0 +1,3 @@
+from messengers.facebook import FacebookMessenger
+
+__all__ = ["FacebookMessenger"]

@@ -1,0 +1,3 @@
+from messengers.vkontakte import VKontakteMessenger
+
+__all__ = ["VKontakteMessenger"]
