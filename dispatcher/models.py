@@ -6,11 +6,23 @@ The database is the source of truth: a dispatch's row says whether it was sent, 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
+
+from messengers.base import alias_of
+from messengers.exceptions import ScheduleError
+from messengers.registry import get_registered_messenger_object
+
+from .messages import get_registered_message_type
+from .validation import check_priority, check_user, checked_context, checked_recipients
+
+if TYPE_CHECKING:
+    from .messages import MessageBase
 
 
 class Message(models.Model):
@@ -37,7 +49,104 @@ class Message(models.Model):
         verbose_name = "message"
 
     def __str__(self) -> str:
-        return f"{self.cls} #{self.pk}"
+        return self.cls
+
+    def get_type(self) -> type[MessageBase]:
+        """Returns the registered message type of this message.
+
+        Raises UnknownMessageTypeError when ``cls`` is not registered (any more)."""
+        from .messages import get_registered_message_type
+
+        return get_registered_message_type(self.cls)
+
+    @classmethod
+    def create(
+        cls,
+        message_class: str,
+        context: dict[str, Any],
+        recipients: Any = None,
+        sender: Any = None,
+        priority: int | None = None,
+        group_mark: str = "",
+        context_merge_hook: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+        | None = None,
+    ) -> tuple[Message, list[Dispatch]]:
+        """Stores a message and its dispatches (django-sitemessage's ``Message.create``);
+        returns ``(message, dispatches)``. Without recipients the message waits for its
+        dispatches (made later from the subscribers). Dispatches are delivered by the next
+        sweep. With a ``group_mark``, the new context is merged (``context_merge_hook(old,
+        new)``, default: the new one replaces the old) into a stored message of the same type,
+        mark and sender whose dispatches all wait unsent and go to exactly the same recipients;
+        otherwise a new message is stored.
+
+        Raises ScheduleError (InvalidAddressError, InvalidContextError, UnknownMessengerError)
+        for bad input before anything is written."""
+        _check_text(message_class, "message_class")
+        _check_text(group_mark, "group_mark", allow_empty=True)
+        checked_context(context, get_registered_message_type(message_class))
+        if sender is not None:
+            check_user(sender, "sender")
+        if priority is not None:
+            check_priority(priority)
+        wanted = None if recipients is None else checked_recipients(recipients)
+        with transaction.atomic():
+            grouped = group_mark and cls._merge_into_group(
+                message_class, context, wanted, sender, group_mark, context_merge_hook
+            )
+            if grouped:
+                return grouped
+            message = cls.objects.create(
+                cls=message_class,
+                context=context,
+                sender=sender,
+                group_mark=group_mark,
+                dispatches_ready=wanted is not None,
+                **({} if priority is None else {"priority": priority}),
+            )
+            return message, [] if wanted is None else Dispatch.create(message, wanted)
+
+    @classmethod
+    def _merge_into_group(
+        cls,
+        message_class: str,
+        context: dict[str, Any],
+        wanted: list[Any] | None,
+        sender: Any,
+        group_mark: str,
+        hook: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None,
+    ) -> tuple[Message, list[Dispatch]] | None:
+        """Merges ``context`` into a matching unsent message of the group, if there is one.
+        Runs inside create()'s transaction; the message and its dispatches are locked (on
+        databases that lock rows) so a worker cannot claim them half-merged.
+
+        Raises InvalidContextError when the merged context is not storable."""
+        candidates = cls.objects.select_for_update().filter(
+            cls=message_class,
+            group_mark=group_mark,
+            sender=sender,
+            dispatches_ready=wanted is not None,
+        )
+        if wanted is not None:
+            # Only messages still entirely unsent: a group's sent history is not rescanned.
+            pending = Dispatch.objects.filter(dispatch_status=Dispatch.Status.PENDING)
+            others = Dispatch.objects.exclude(dispatch_status=Dispatch.Status.PENDING)
+            candidates = candidates.filter(pk__in=pending.values("message")).exclude(
+                pk__in=others.values("message")
+            )
+        wanted_keys = None if wanted is None else {(r.messenger, r.address) for r in wanted}
+        for message in candidates.order_by("-pk"):
+            dispatches = list(message.dispatches.select_for_update().order_by("pk"))
+            unsent = all(d.dispatch_status == Dispatch.Status.PENDING for d in dispatches)
+            keys = {(d.messenger, d.address) for d in dispatches} if dispatches else None
+            if unsent and keys == wanted_keys:
+                merged = (hook or (lambda _old, new: new))(message.context, context)
+                message.context = checked_context(
+                    merged, get_registered_message_type(message_class)
+                )
+                message.save(update_fields=["context"])
+                message.dispatches.update(message_cache="")
+                return message, dispatches
+        return None
 
 
 class Dispatch(models.Model):
@@ -89,6 +198,8 @@ class Dispatch(models.Model):
 
     #: Set by the messenger's mark_*() calls during a batch; never stored as such.
     outcome: Any = None
+    #: Upstream's in-memory error text, stored by log_dispatches_errors(); never a column.
+    error_log: str | None = None
     #: True while ``message_cache`` holds the body shared by the message's recipients (in
     #: memory only: one string for the whole batch, not stored per dispatch).
     body_shared: bool = False
@@ -110,7 +221,110 @@ class Dispatch(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.messenger} dispatch #{self.pk} to {self.address} ({self.get_dispatch_status_display()})"
+        return f"{self.address} [{self.messenger}]"
+
+    def is_read(self) -> bool:
+        """Tells whether the recipient has read the message (its read link was opened)."""
+        return self.read_status == self.ReadStatus.READ
+
+    def mark_read(self) -> None:
+        """Marks the dispatch read, in memory only: the caller saves it (as upstream)."""
+        self.read_status = self.ReadStatus.READ
+
+    @classmethod
+    def get_unread(cls) -> QuerySet[Dispatch]:
+        """Returns the unread dispatches, with their messages."""
+        return cls.objects.filter(read_status=cls.ReadStatus.UNREAD).select_related("message")
+
+    @classmethod
+    def create(cls, message_model: Message, recipients: Any) -> list[Dispatch]:
+        """Stores one pending dispatch per recipient (a ``Recipient``, or a list of them) of a
+        saved message, which is then marked ``dispatches_ready``; returns the dispatches
+        (with ids). A (messenger, address) pair given twice is stored once. The next sweep
+        publishes them for delivery.
+
+        Raises ScheduleError (UnknownMessengerError, InvalidAddressError) for a bad recipient
+        or an unsaved message, before anything is written."""
+        if message_model.pk is None:
+            raise ScheduleError(f"message {message_model!r} is not saved")
+        checked = checked_recipients(recipients)
+        with transaction.atomic():
+            dispatches = Dispatch.objects.bulk_create(
+                [
+                    Dispatch(
+                        message=message_model,
+                        messenger=r.messenger,
+                        recipient=r.user,
+                        address=r.address,
+                    )
+                    for r in checked
+                ],
+                batch_size=500,
+            )
+            if checked and not message_model.dispatches_ready:
+                message_model.dispatches_ready = True
+                message_model.save(update_fields=["dispatches_ready"])
+        return dispatches
+
+    @classmethod
+    def log_dispatches_errors(cls, dispatches: Iterable[Dispatch]) -> list[DispatchError]:
+        """Stores one error row per dispatch, from its ``error_log`` attribute (upstream's
+        name) or else its messenger outcome's error, and the dispatches' ``message_cache``;
+        returns the error rows.
+
+        Raises ValueError, before anything is written, for an unsaved dispatch or one with no
+        error text."""
+        dispatches = list(dispatches)
+        entries = [
+            DispatchError(
+                dispatch=d, attempt=d.retry_count, exc_type=d._error_type(), error_log=d._error()
+            )
+            for d in dispatches
+        ]
+        with transaction.atomic():
+            Dispatch.objects.bulk_update(dispatches, ["message_cache"], batch_size=500)
+            return DispatchError.objects.bulk_create(entries, batch_size=500)
+
+    def _error(self) -> str:
+        """The error text of this dispatch's failed attempt; raises ValueError if none."""
+        error = self.error_log
+        if error is None and self.outcome is not None:
+            error = self.outcome.error
+        if self.pk is None or error is None or not str(error):
+            raise ValueError(f"dispatch {self.pk} is unsaved or has no error_log to store")
+        return str(error)
+
+    def _error_type(self) -> str:
+        error = getattr(self.outcome, "error", None) if self.error_log is None else None
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+
+    @classmethod
+    def set_dispatches_statuses(cls, **statuses: Iterable[Dispatch]) -> int:
+        """Stores statuses in bulk: ``sent=[...], error=[...], failed=[...], pending=[...]``
+        (upstream's keys). Each row gets the status, ``time_dispatched`` (now) and one more
+        ``retry_count``, and loses its lease; error and pending rows are due at the next sweep.
+        Returns the number of rows updated.
+
+        Raises ValueError for an unknown key, before anything is written."""
+        unknown = set(statuses) - set(_STATUS_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown dispatch status key(s) {sorted(unknown)}; expected {list(_STATUS_KEYS)}"
+            )
+        now, updated = timezone.now(), 0
+        with transaction.atomic():
+            for key, dispatches in statuses.items():
+                status = _STATUS_KEYS[key]
+                updated += cls.objects.filter(pk__in=[d.pk for d in dispatches]).update(
+                    dispatch_status=status,
+                    time_dispatched=now,
+                    retry_count=models.F("retry_count") + 1,
+                    lease_owner="",
+                    lease_expires_at=None,
+                    next_attempt_at=None,
+                    **({"sent_at": now} if status == cls.Status.SENT else {}),
+                )
+        return updated
 
 
 class ScheduleRequest(models.Model):
@@ -150,7 +364,7 @@ class DispatchError(models.Model):
         ordering = ["pk"]
 
     def __str__(self) -> str:
-        return f"{self.exc_type}: {self.error_log[:80]}"
+        return f"Dispatch ID {self.dispatch_id} error entry"
 
 
 class Subscription(models.Model):
@@ -169,4 +383,90 @@ class Subscription(models.Model):
         verbose_name = "subscription"
 
     def __str__(self) -> str:
-        return f"{self.recipient_id or self.address} to {self.message_cls} by {self.messenger_cls}"
+        return f"{self.recipient_id or self.address} [{self.message_cls} - {self.messenger_cls}]"
+
+    @classmethod
+    def get_for_user(cls, user: Any) -> QuerySet[Subscription]:
+        """Returns a user's subscriptions (none for an unsaved user)."""
+        if user.pk is None:
+            return cls.objects.none()
+        return cls.objects.filter(recipient_id=user.pk)
+
+    @classmethod
+    def get_for_message_cls(cls, message_cls: str) -> QuerySet[Subscription]:
+        """Returns the subscriptions to a message type alias, with their users."""
+        return cls.objects.select_related("recipient").filter(message_cls=message_cls)
+
+    @classmethod
+    def replace_for_user(cls, user: Any, prefs: Iterable[tuple[Any, Any]]) -> bool:
+        """Replaces a user's subscriptions with ``prefs``, pairs of (message type or alias,
+        messenger or alias); a pair given twice is stored once. Returns False (and changes
+        nothing) for an unsaved user.
+
+        Raises ScheduleError (UnknownMessengerError) for a bad pair, before anything is
+        written."""
+        if user.pk is None:
+            return False
+        rows = {tuple(cls._base_kwargs(user, *pref).items()): None for pref in prefs}
+        with transaction.atomic():
+            cls.objects.filter(recipient_id=user.pk).delete()
+            Subscription.objects.bulk_create([Subscription(**dict(row)) for row in rows])
+        return True
+
+    @classmethod
+    def create(cls, uid_or_address: Any, message_cls: Any, messenger_cls: Any) -> Subscription:
+        """Subscribes a user (object or id) or an address to a message type (or alias) through
+        a messenger (or alias); an existing identical subscription is returned, not doubled.
+
+        Raises ScheduleError (UnknownMessengerError) for a bad argument, before writing."""
+        kwargs = cls._base_kwargs(uid_or_address, message_cls, messenger_cls)
+        with transaction.atomic():
+            existing = cls.objects.filter(**kwargs).order_by("pk").first()
+            return existing or cls.objects.create(**kwargs)
+
+    @classmethod
+    def cancel(cls, uid_or_address: Any, message_cls: Any, messenger_cls: Any) -> int:
+        """Removes a recipient's subscriptions to a message type through a messenger; returns
+        how many there were.
+
+        Raises ScheduleError for a bad argument."""
+        kwargs = cls._base_kwargs(uid_or_address, message_cls, messenger_cls, registered=False)
+        return cls.objects.filter(**kwargs).delete()[0]
+
+    @staticmethod
+    def _base_kwargs(
+        recipient: Any, message_cls: Any, messenger_cls: Any, registered: bool = True
+    ) -> dict[str, Any]:
+        """The columns naming a subscription. A messenger must be registered unless
+        ``registered`` is False (cancelling one that is gone must work).
+
+        Raises ScheduleError for a bad recipient, type or messenger."""
+        if registered:
+            get_registered_messenger_object(messenger_cls)
+        message_alias = message_cls if isinstance(message_cls, str) else message_cls.get_alias()
+        kwargs: dict[str, Any] = {
+            "message_cls": _check_text(message_alias, "message type"),
+            "messenger_cls": _check_text(alias_of(messenger_cls), "messenger"),
+        }
+        if isinstance(recipient, str):
+            kwargs["address"] = _check_text(recipient, "address")
+        elif isinstance(recipient, int) and not isinstance(recipient, bool) and recipient > 0:
+            kwargs["recipient_id"] = recipient
+        else:
+            check_user(recipient, "subscriber")
+            kwargs["recipient_id"] = recipient.pk
+        return kwargs
+
+
+_STATUS_KEYS = {
+    "sent": Dispatch.Status.SENT,
+    "error": Dispatch.Status.ERROR,
+    "failed": Dispatch.Status.FAILED,
+    "pending": Dispatch.Status.PENDING,
+}
+
+
+def _check_text(value: Any, what: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or not (value or allow_empty):
+        raise ScheduleError(f"{what} must be a non-empty string, got {value!r:.100}")
+    return value

@@ -1,5 +1,6 @@
 """The producer API: ``schedule_messages()`` (and its ``.delay()``), ``recipients()``,
-``send_test_message()``.
+``send_test_message()``, and the per-app message type overrides
+(``get_message_type_for_app()`` / ``override_message_type_for_app()``).
 
 Everything is validated before anything is written: a call either stores the messages and all
 their dispatches, or raises a ScheduleError and leaves no row behind. Delivery tasks are
@@ -10,12 +11,10 @@ only that row's id after commit, for ``dispatcher.tasks.schedule_messages`` to e
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -24,32 +23,32 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from messengers.base import MessengerBase, alias_of
-from messengers.exceptions import InvalidAddressError, InvalidContextError, ScheduleError
+from messengers.exceptions import InvalidAddressError, ScheduleError
 from messengers.registry import get_registered_messenger_object
 from workers import broker
 
 from . import conf
 from .messages import MessageBase, PlainTextMessage, get_registered_message_type
 from .models import Dispatch, Message, ScheduleRequest
+from .validation import (
+    Recipient,
+    check_priority,
+    check_user,
+    checked_context,
+    checked_recipients,
+    user_pk,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Highest priority a Message row can store.
-MAX_PRIORITY = 32767
-#: Deepest nesting of lists and dicts a message context may have.
-MAX_CONTEXT_DEPTH = 50
+#: Separates the message type and messenger aliases of a subscription preference
+#: ("<message type>|<messenger>"), as django-sitemessage does.
+_ALIAS_SEP = "|"
+#: Name of the POST field holding subscription preferences (django-sitemessage's).
+_PREF_POST_KEY = "sm_user_pref"
 
-
-@dataclass(frozen=True)
-class Recipient:
-    """One address of one messenger, and the user it belongs to (if any)."""
-
-    messenger: str
-    user: Any
-    address: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"messenger": self.messenger, "user": _user_pk(self.user), "address": self.address}
+#: app name -> {message type alias the app asks for: alias the project wants instead}.
+_message_types_for_apps: dict[str, dict[str, str]] = defaultdict(dict)
 
 
 def recipients(
@@ -165,7 +164,7 @@ def encode_call(
     return {
         "messages": [m.to_wire() for m in message_objs],
         "recipients": [r.to_wire() for r in recipient_list],
-        "sender": _user_pk(sender),
+        "sender": user_pk(sender),
         "priority": priority,
     }
 
@@ -240,22 +239,40 @@ def checked_call(
         check_priority(priority, "priority")
     for message in message_objs:
         check_priority(message.priority, f"priority of message type {message.get_alias()!r}")
-    return message_objs, recipient_list, [checked_context(m) for m in message_objs]
-
-
-def check_priority(priority: Any, what: str) -> None:
-    if not (
-        isinstance(priority, int)
-        and not isinstance(priority, bool)
-        and 0 <= priority <= MAX_PRIORITY
-    ):
-        raise ScheduleError(f"{what} must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}")
+    return message_objs, recipient_list, [checked_context(m.context, type(m)) for m in message_objs]
 
 
 def send_test_message(messenger: str, to: str | None = None) -> Any:
     """Sends a test message through a registered messenger, in this process; raises on failure."""
     messenger_obj = get_registered_messenger_object(messenger)
     return messenger_obj.send_test_message(to, "Test message from sitemessage.")  # type: ignore[arg-type]
+
+
+def override_message_type_for_app(
+    app_name: str, app_message_type_alias: str, new_message_type_alias: str
+) -> None:
+    """Makes ``get_message_type_for_app(app_name, app_message_type_alias)`` return the message
+    type registered as ``new_message_type_alias``: how a project replaces the message type a
+    reusable app sends. The new type is looked up when the app asks for it, so it may be
+    registered later; raises TypeError for an argument that is not a non-empty string."""
+    for name, value in (
+        ("app_name", app_name),
+        ("app_message_type_alias", app_message_type_alias),
+        ("new_message_type_alias", new_message_type_alias),
+    ):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{name} must be a non-empty string, got {value!r}")
+    _message_types_for_apps[app_name][app_message_type_alias] = new_message_type_alias
+
+
+def get_message_type_for_app(app_name: str, default_message_type_alias: str) -> type[MessageBase]:
+    """Returns the message type an app should use for ``default_message_type_alias``: the one
+    a project set with override_message_type_for_app(), else the default itself. Raises
+    UnknownMessageTypeError when the resulting alias is not registered."""
+    alias = _message_types_for_apps.get(app_name, {}).get(
+        default_message_type_alias, default_message_type_alias
+    )
+    return get_registered_message_type(alias)
 
 
 def publish_dispatches(rows: Iterable[tuple[int, str]]) -> list[int]:
@@ -292,107 +309,3 @@ def as_messages(messages: Any) -> list[MessageBase]:
             )
         result.append(item)
     return result
-
-
-def checked_recipients(items: Iterable[Recipient] | None) -> list[Recipient]:
-    result: dict[tuple[str, str], Recipient] = {}
-    for recipient in items or []:
-        if not isinstance(recipient, Recipient):
-            raise ScheduleError(
-                f"recipients must come from recipients(), got {type(recipient).__name__}"
-            )
-        messenger = get_registered_messenger_object(recipient.messenger)
-        if not isinstance(recipient.address, str):
-            raise InvalidAddressError(
-                f"messenger {recipient.messenger!r}: address must be a string, "
-                f"got {type(recipient.address).__name__}"
-            )
-        messenger.validate_address(recipient.address)
-        if recipient.user is not None:
-            check_user(recipient.user, "recipient")
-        result.setdefault((recipient.messenger, recipient.address), recipient)
-    return list(result.values())
-
-
-def checked_context(message: MessageBase) -> dict[str, Any]:
-    context = message.context
-    if not isinstance(context, dict):
-        raise InvalidContextError(
-            f"context of {message.get_alias()!r} must be a dict, got {type(context).__name__}"
-        )
-    depth = _depth(context)
-    if depth > MAX_CONTEXT_DEPTH:
-        raise InvalidContextError(
-            f"context of {message.get_alias()!r} is nested more than {MAX_CONTEXT_DEPTH} "
-            "levels deep"
-        )
-    try:
-        text = json.dumps(context, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidContextError(
-            f"context of {message.get_alias()!r} is not JSON: {exc}"
-        ) from None
-    size, limit = len(text.encode(errors="surrogatepass")), conf.MAX_MESSAGE_SIZE.get()
-    if size > limit:
-        raise InvalidContextError(
-            f"context of {message.get_alias()!r} is {size} bytes of JSON, more than "
-            f"SITEMESSAGE_MAX_MESSAGE_SIZE ({limit})"
-        )
-    result = json.loads(text)
-    problem = _unstorable_text(result)
-    if problem:
-        raise InvalidContextError(
-            f"context of {message.get_alias()!r} contains {problem}, which databases cannot "
-            "store in JSON"
-        )
-    for key in message.header_fields:
-        value = result.get(key, "")
-        if not isinstance(value, str) or "\r" in value or "\n" in value:
-            raise InvalidContextError(
-                f"context of {message.get_alias()!r}: {key!r} goes into a header and must be "
-                f"one line of text, got {value!r:.100}"
-            )
-    return result
-
-
-def _depth(value: Any) -> int:
-    """How deeply containers nest in a value, counted without recursion (so a context nested
-    100,000 levels deep is measured, not a RecursionError); stops counting past the limit."""
-    deepest, level = 0, [value]
-    while level and deepest <= MAX_CONTEXT_DEPTH:
-        level = [
-            child
-            for item in level
-            if isinstance(item, dict | list | tuple)
-            for child in (item.values() if isinstance(item, dict) else item)
-        ]
-        deepest += 1
-    return deepest if level else deepest - 1
-
-
-def _unstorable_text(value: Any) -> str | None:
-    """Names what the first string in a JSON value holds that databases cannot store, if any."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return "a NUL character"
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return "a lone surrogate"
-        return None
-    if isinstance(value, dict):
-        items = [*value, *value.values()]
-    else:
-        items = value if isinstance(value, list) else []
-    return next((problem for problem in map(_unstorable_text, items) if problem), None)
-
-
-def check_user(user: Any, role: str) -> None:
-    if not isinstance(user, get_user_model()):
-        raise ScheduleError(f"{role} must be a {get_user_model().__name__}, got {user!r}")
-    if user.pk is None:
-        raise ScheduleError(f"{role} {user!r} is not saved")
-
-
-def _user_pk(user: Any) -> Any:
-    return None if user is None else user.pk

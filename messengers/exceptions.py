@@ -1,20 +1,28 @@
 """Errors raised by sitemessage.
 
-Hierarchy::
+Hierarchy (django-sitemessage 1.4's names and nesting, ours inside them)::
 
-    SitemessageError
-     +-- ScheduleError                 bad input to schedule_messages()/recipients(); nothing written
-     |    +-- UnknownMessengerError    an alias that is not registered (also a LookupError)
-     |    +-- UnknownMessageTypeError  a message type that is not registered (also a LookupError)
-     |    +-- InvalidAddressError      an empty or malformed address, a user without one
-     |    +-- InvalidContextError      a message context that is not JSON
-     +-- DeliveryError                 a messenger could not deliver (carries alias, dispatch, response)
-          +-- TemporaryDeliveryError   worth retrying: timeouts, refused connections, SMTP 4xx, HTTP 429/5xx
-          +-- PermanentDeliveryError   retrying cannot help: SMTP 5xx for a recipient, HTTP 4xx
+    SiteMessageError (= SitemessageError)
+     +-- SiteMessageConfigurationError  upstream's misconfiguration error (also ImproperlyConfigured)
+     +-- MessengerException             upstream's root of messenger errors
+     |    +-- UnknownMessengerError     (below, under ScheduleError too)
+     |    +-- DeliveryError             a messenger could not deliver (carries alias, dispatch, response)
+     |         +-- TemporaryDeliveryError    worth retrying: timeouts, refused connections, SMTP 4xx,
+     |         |    |                        HTTP 429/5xx
+     |         |    +-- MessengerWarmupException  before_send() could not connect or log in
+     |         +-- PermanentDeliveryError    retrying cannot help: SMTP 5xx for a recipient, HTTP 4xx
+     +-- ScheduleError                  bad input to schedule_messages()/recipients(); nothing written
+          +-- UnknownMessengerError     an alias that is not registered (also a MessengerException
+          |                             and a LookupError)
+          +-- UnknownMessageTypeError   a message type that is not registered (also a LookupError)
+          +-- InvalidAddressError       an empty or malformed address, a user without one
+          +-- InvalidContextError       a message context that is not JSON
 
-    MessengerConfigurationError        a messenger option that is unknown or invalid; deliberately
-                                       outside SitemessageError (it is an ImproperlyConfigured) so
-                                       that a delivery loop catching SitemessageError cannot hide it.
+    MessengerConfigurationError         a messenger option that is unknown or invalid; deliberately
+                                        outside SiteMessageError (it is an ImproperlyConfigured) so
+                                        that a delivery loop catching SiteMessageError cannot hide
+                                        it. Upstream never raised SiteMessageConfigurationError for
+                                        messenger options, so it is not one of those either.
 """
 
 from __future__ import annotations
@@ -24,15 +32,27 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 
 
-class SitemessageError(Exception):
-    """Root of every error sitemessage raises on purpose."""
+class SiteMessageError(Exception):
+    """Root of every error sitemessage raises on purpose (django-sitemessage's name)."""
+
+
+#: Our earlier name of the root; the same class.
+SitemessageError = SiteMessageError
+
+
+class SiteMessageConfigurationError(SiteMessageError, ImproperlyConfigured):
+    """Sitemessage is configured in a way it cannot work with (django-sitemessage's class)."""
+
+
+class MessengerException(SiteMessageError):
+    """Root of the errors of messengers (django-sitemessage's name)."""
 
 
 class ScheduleError(SitemessageError, ValueError):
     """schedule_messages() or recipients() was given input it cannot store."""
 
 
-class UnknownMessengerError(ScheduleError, LookupError):
+class UnknownMessengerError(ScheduleError, MessengerException, LookupError):
     """No messenger is registered under the alias."""
 
     def __init__(self, alias: object, registered: list[str], where: str = "") -> None:
@@ -68,7 +88,7 @@ class InvalidContextError(ScheduleError):
     """A message context that cannot be stored as JSON."""
 
 
-class DeliveryError(SitemessageError):
+class DeliveryError(MessengerException):
     """A messenger failed to deliver; says which messenger, which dispatch and what the
     provider answered."""
 
@@ -107,6 +127,11 @@ class DeliveryError(SitemessageError):
 
 class TemporaryDeliveryError(DeliveryError):
     """Delivery failed for a reason that may go away: the dispatch is retried."""
+
+
+class MessengerWarmupException(TemporaryDeliveryError):
+    """A messenger could not warm up (connect, log in) in before_send(); its dispatches are
+    retried later, as django-sitemessage did."""
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -1,3 +1,43 @@
-from dispatcher.toolbox import recipients, schedule_messages, send_test_message
+from dispatcher.messages import (
+    get_registered_message_type,
+    get_registered_message_types,
+    register_builtin_message_types,
+    register_message_types,
+)
+from dispatcher.operations import check_undelivered, cleanup_sent_messages, send_scheduled_messages
+from dispatcher.toolbox import (
+    _ALIAS_SEP,
+    _PREF_POST_KEY,
+    Recipient,
+    get_message_type_for_app,
+    override_message_type_for_app,
+    recipients,
+    schedule_messages,
+    send_test_message,
+)
+from messengers.registry import (
+    get_registered_messenger_object,
+    get_registered_messenger_objects,
+    register_messenger_objects,
+)
 
-__all__ = ["recipients", "schedule_messages", "send_test_message"]
+__all__ = [
+    "_ALIAS_SEP",
+    "_PREF_POST_KEY",
+    "Recipient",
+    "check_undelivered",
+    "cleanup_sent_messages",
+    "get_message_type_for_app",
+    "get_registered_message_type",
+    "get_registered_message_types",
+    "get_registered_messenger_object",
+    "get_registered_messenger_objects",
+    "override_message_type_for_app",
+    "recipients",
+    "register_builtin_message_types",
+    "register_message_types",
+    "register_messenger_objects",
+    "schedule_messages",
+    "send_scheduled_messages",
+    "send_test_message",
+]

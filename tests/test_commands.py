@@ -12,7 +12,7 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError
 
 from dispatcher.models import Dispatch, Message
-from dispatcher.toolbox import MAX_PRIORITY
+from dispatcher.validation import MAX_PRIORITY
 from tests.faultsapp.helpers import drain, make_dispatch, manage, published_ids
 from tests.support import free_port, purge
 from workers.app import app
@@ -167,7 +167,7 @@ def test_check_undelivered_with_nothing_undelivered_exits_0():
     out, error = run("sitemessage_check_undelivered")
 
     assert error is None
-    assert out.strip() == "No undelivered dispatches."
+    assert out.strip() == "Undelivered dispatches count: 0."  # django-sitemessage's line
 
 
 @pytest.mark.django_db
@@ -177,7 +177,7 @@ def test_check_undelivered_reports_failed_and_expired_leases_per_messenger():
     out, error = run("sitemessage_check_undelivered")
 
     assert isinstance(error, CommandError) and str(error) == "3 undelivered dispatches"
-    assert "Undelivered dispatches: 3" in out
+    assert out.splitlines()[0] == "Undelivered dispatches count: 3."
     assert "smtp: 1 failed, 1 stuck past their lease" in out
     assert "recorder: 1 failed, 0 stuck past their lease" in out
     assert f"dispatch {rows['failed'].pk}, attempt 2" in out
@@ -255,7 +255,7 @@ def test_check_undelivered_subprocess_exit_codes(smtp_server):
     make_dispatch(Status.SENT)
 
     clean = manage("sitemessage_check_undelivered")
-    assert (clean.returncode, clean.stdout.strip()) == (0, "No undelivered dispatches.")
+    assert (clean.returncode, clean.stdout.strip()) == (0, "Undelivered dispatches count: 0.")
 
     make_dispatch(Status.FAILED, errors=["SMTP 550 5.1.1 no such user"])
     dirty = manage(
@@ -265,3 +265,66 @@ def test_check_undelivered_subprocess_exit_codes(smtp_server):
     assert "smtp: 1 failed, 0 stuck" in dirty.stdout
     assert "1 undelivered dispatches" in dirty.stderr and "Traceback" not in dirty.stderr
     assert sink.recipients() == ["ops@example.com"]
+
+
+@pytest.mark.django_db
+def test_check_undelivered_without_to_emails_the_admins(smtp_server, settings):
+    sink, port = smtp_server
+    settings.EMAIL_PORT = port
+    settings.ADMINS = [("Ops", "ops@example.com")]
+    undelivered_rows()
+
+    out, error = run("sitemessage_check_undelivered")
+
+    assert isinstance(error, CommandError) and str(error) == "3 undelivered dispatches"
+    assert "Report e-mailed to ops@example.com." in out
+    assert sink.recipients() == ["ops@example.com"]
+
+
+# sitemessage_cleanup
+
+
+def sent_days_ago(days: float) -> Dispatch:
+    when = timezone.now() - timedelta(days=days)
+    return make_dispatch(Status.SENT, sent_at=when, time_dispatched=when)
+
+
+@pytest.mark.django_db
+def test_cleanup_deletes_the_sent_dispatches_older_than_ago_and_their_messages():
+    old, recent = sent_days_ago(10), sent_days_ago(1)
+    pending = make_dispatch(Status.PENDING)
+
+    out, error = run("sitemessage_cleanup", "--ago", "5")
+
+    assert error is None
+    assert out.splitlines() == [
+        "Cleaning up dispatches and messages sent 5 days ago ...",
+        "Deleted 1 dispatches and 1 messages.",
+        "Cleanup done.",
+    ]
+    assert set(Dispatch.objects.values_list("pk", flat=True)) == {recent.pk, pending.pk}
+    assert not Message.objects.filter(pk=old.message_id).exists()
+
+
+@pytest.mark.django_db
+def test_cleanup_dispatches_only_keeps_the_messages():
+    rows = [sent_days_ago(10), sent_days_ago(0)]
+
+    out, error = run("sitemessage_cleanup", "--dispatches_only")
+
+    assert error is None and out.splitlines()[0] == "Cleaning up dispatches ..."
+    assert not Dispatch.objects.exists()
+    assert Message.objects.filter(pk__in=[r.message_id for r in rows]).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_subprocess_exit_codes():
+    sent_days_ago(10)
+
+    done = manage("sitemessage_cleanup")
+    assert done.returncode == 0, done.stderr
+    assert "Deleted 1 dispatches and 1 messages." in done.stdout
+    assert not Dispatch.objects.exists()
+
+    bad = manage("sitemessage_cleanup", "--ago", "-1")
+    assert bad.returncode == 1 and "0 or more" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from messengers.registry import register_messenger_objects
+from messengers.twitter import TwitterMessenger
 from tests.support import ROOT, free_port
 
 
@@ -35,6 +38,28 @@ def test_probe_sends_through_the_server_and_exits_zero(smtp_server):
     assert rcpts == ["ops@example.com"]
     assert email.get_payload().strip() == "are you there?"
     assert email["Message-ID"] in done.stdout  # the provider id is shown
+    # django-sitemessage's lines
+    assert f"Probing function result: {email['Message-ID']}." in done.stdout
+    assert done.stdout.splitlines()[-1] == "Probing done."
+
+
+def test_probe_without_to_says_smtp_needs_an_address(smtp_server):
+    sink, port = smtp_server
+    done = probe("smtp", port=port)
+    assert done.returncode == 1 and "smtp needs an address: pass --to" in done.stderr
+    assert sink.messages == [] and "Traceback" not in done.stderr
+
+
+@pytest.mark.django_db
+def test_probe_without_to_posts_where_the_messenger_can(twitter_api, registries):
+    register_messenger_objects(TwitterMessenger(**twitter_api.options()))
+    out = io.StringIO()
+
+    call_command("sitemessage_probe", "twitter", "--text", "probe", stdout=out)
+
+    [tweet] = twitter_api.tweets
+    assert tweet["text"] == "probe" and not tweet["mention"]  # no mention: a timeline post
+    assert f"Probing function result: {tweet['id']}." in out.getvalue()
 
 
 def test_probe_exits_non_zero_when_the_server_is_down():

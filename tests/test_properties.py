@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from dispatcher.messages import EmailTextMessage, MessageBase, PlainTextMessage
 from dispatcher.models import Dispatch, Message
-from dispatcher.toolbox import MAX_PRIORITY, Recipient
+from dispatcher.validation import MAX_PRIORITY, Recipient
 from messengers.exceptions import ScheduleError
 from sitemessage.toolbox import recipients, schedule_messages
 

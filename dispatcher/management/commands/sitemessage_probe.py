@@ -1,7 +1,10 @@
-"""``manage.py sitemessage_probe <alias> --to <address>``: is this messenger able to deliver?
+"""``manage.py sitemessage_probe <alias> [--to <address>]``: is this messenger able to deliver?
 
 Sends one test message through the named messenger right now, in this process (connect, log
-in, send, disconnect), prints what happened and exits non-zero when it failed.
+in, send, disconnect), prints what happened and exits non-zero when it failed. Without
+``--to`` the messenger sends where it can without an address (a tweet, a wall or Page post),
+as django-sitemessage's probe does; a messenger that needs an address says so and exits 1.
+The lines ``Probing function result: <result>.`` and ``Probing done.`` are django-sitemessage's.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from messengers.exceptions import SitemessageError
+from messengers.exceptions import InvalidAddressError, SiteMessageError
 from messengers.registry import get_registered_messenger_object
 
 
@@ -20,24 +23,36 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("alias", help="messenger alias, e.g. smtp")
-        parser.add_argument("--to", required=True, help="address to send the test message to")
+        parser.add_argument(
+            "--to",
+            default=None,
+            help="address to send the test message to (if the messenger needs one)",
+        )
         parser.add_argument("--text", default="Test message from sitemessage.")
 
-    def handle(self, *args: Any, alias: str, to: str, text: str, **options: Any) -> None:
+    def handle(self, *args: Any, alias: str, to: str | None, text: str, **options: Any) -> None:
         try:
             messenger = get_registered_messenger_object(alias)
-            messenger.validate_address(to)
-        except SitemessageError as exc:
+            messenger.validate_address(to or "")
+        except InvalidAddressError as exc:
+            if to is None:
+                raise CommandError(f"{alias} needs an address: pass --to ({exc})") from exc
             raise CommandError(str(exc)) from exc
+        except SiteMessageError as exc:
+            raise CommandError(str(exc)) from exc
+        where = f" to {to}" if to else ""
+        self.stdout.write(f"Sending test message using {alias} ...")
         started = time.monotonic()
         try:
-            result = messenger.send_test_message(to, text)
+            result = messenger.send_test_message(to or "", text)
         except Exception as exc:
             raise CommandError(
-                f"{alias}: test message to {to} failed after "
+                f"{alias}: test message{where} failed after "
                 f"{time.monotonic() - started:.1f}s: {type(exc).__name__}: {exc}"
             ) from exc
         detail = f" (provider id {result})" if result not in (None, "") else ""
         self.stdout.write(
-            f"{alias}: test message to {to} sent in {time.monotonic() - started:.2f}s{detail}"
+            f"{alias}: test message{where} sent in {time.monotonic() - started:.2f}s{detail}"
         )
+        self.stdout.write(f"Probing function result: {result}.")
+        self.stdout.write("Probing done.")

@@ -1,0 +1,47 @@
+"""``manage.py sitemessage_cleanup [--ago DAYS] [--dispatches_only]``: deletes sent dispatches.
+
+Deletes SENT dispatches (with ``--ago``, only those sent at least that many days ago) and then
+the messages left without any dispatch, unless ``--dispatches_only``. Options and the first
+and last output lines are django-sitemessage's. Exits 1 when the database fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
+
+from dispatcher.operations import cleanup_sent_messages
+
+
+class Command(BaseCommand):
+    help = "Removes sent dispatches (and the messages left without dispatches) from the database."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--ago",
+            type=int,
+            default=None,
+            help="only dispatches sent at least this many days ago (default: every sent one)",
+        )
+        # django-sitemessage declared this flag with store_false, so it could never be set.
+        parser.add_argument(
+            "--dispatches_only",
+            action="store_true",
+            help="delete the dispatches only; keep the messages",
+        )
+
+    def handle(self, *args: Any, ago: int | None, dispatches_only: bool, **options: Any) -> None:
+        suffix = [] if dispatches_only else ["and messages"]
+        if ago:
+            suffix.append(f"sent {ago} days ago")
+        self.stdout.write(f"Cleaning up dispatches {' '.join(suffix)} ...".replace("  ", " "))
+        try:
+            result = cleanup_sent_messages(ago=ago, dispatches_only=dispatches_only)
+        except (TypeError, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
+        except DatabaseError as exc:
+            raise CommandError(f"cleanup failed on the database: {exc}") from exc
+        self.stdout.write(f"Deleted {result.dispatches} dispatches and {result.messages} messages.")
+        self.stdout.write("Cleanup done.")
