@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 try:
     import requests
@@ -23,7 +23,6 @@ except ModuleNotFoundError as exc:  # an optional dependency: name the extra tha
         name=exc.name,
     ) from exc
 
-from .base import MessengerBase, use_tls_context
 from .exceptions import (
     DeliveryError,
     InvalidAddressError,
@@ -31,10 +30,7 @@ from .exceptions import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
-
-if TYPE_CHECKING:
-    from dispatcher.messages import MessageBase
-    from dispatcher.models import Dispatch, Message
+from .http import HTTPMessenger, Proxy, proxies
 
 DEFAULT_BASE_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v24.0"
@@ -46,7 +42,6 @@ TEMPORARY_CODES = RATE_LIMIT_CODES | {1, 2, 341, 368}
 
 #: An http(s) proxy URL for both schemes, a requests ``proxies`` dict, or a callable returning
 #: either (called when the session opens, once per worker process).
-Proxy = str | Mapping[str, str] | Callable[[], Any] | None
 
 _PAGE_ID = re.compile(r"\d{1,30}")
 _LINK = re.compile(r"https?://\S+")
@@ -80,7 +75,7 @@ for _name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.connectio
     logging.getLogger(_name).addFilter(_ScrubSecrets())
 
 
-class FacebookMessenger(MessengerBase):
+class FacebookMessenger(HTTPMessenger):
     """Publishes posts on Facebook Pages as the Page.
 
     ``page_access_token`` is a Page access token (``get_page_access_token()`` makes ones that
@@ -104,12 +99,11 @@ class FacebookMessenger(MessengerBase):
         self._tokens = _checked_tokens(page_access_token)
         remember(*self._tokens.values())
         if not callable(proxy):
-            proxies(proxy)  # a bad value fails here, not in a worker
+            proxies(proxy, "FacebookMessenger")  # a bad value fails here, not in a worker
         self.proxy = proxy
         self.timeout = float(timeout)
         self.base_url = base_url.rstrip("/")
         self.api_version = api_version.strip("/")
-        self._session: requests.Session | None = None
 
     def __repr__(self) -> str:
         return f"<FacebookMessenger {self.base_url}/{self.api_version}>"  # never a token
@@ -124,26 +118,6 @@ class FacebookMessenger(MessengerBase):
                 f"messenger {cls.get_alias()!r}: {address!r} is not a Facebook Page id "
                 "(digits), nor '' for the Page of the page access token"
             )
-
-    def before_send(self) -> None:
-        self._ensure_session()
-
-    def after_send(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.close()
-
-    def send(
-        self,
-        message_cls: type[MessageBase],
-        message_model: Message,
-        dispatch_models: list[Dispatch],
-    ) -> None:
-        self.send_each(dispatch_models, lambda d: self._post(d.address, d.message_cache, d.pk))
-
-    def _test_message(self, to: str, text: str) -> str:
-        self.validate_address(to or "")
-        return self._post(to or "", text, None)
 
     def get_page_access_token(
         self, app_id: str, app_secret: str, user_token: str
@@ -187,14 +161,6 @@ class FacebookMessenger(MessengerBase):
             seen.add(after)
             params = {**params, "after": after}
 
-    def _ensure_session(self) -> requests.Session:
-        if self._session is None:
-            session = requests.Session()
-            use_tls_context(session)
-            session.proxies.update(proxies(self.proxy))
-            self._session = session
-        return self._session
-
     def _target(self, address: str, dispatch_id: int | None) -> tuple[str, str]:
         """The Graph API node to post to and the token to post with."""
         if "" in self._tokens:
@@ -211,7 +177,7 @@ class FacebookMessenger(MessengerBase):
             dispatch_id=dispatch_id,
         )
 
-    def _post(self, address: str, text: str, dispatch_id: int | None) -> str:
+    def deliver(self, address: str, text: str, dispatch_id: int | None) -> str:
         """Publishes one post; returns its id. Raises a Temporary- or PermanentDeliveryError
         whose text holds no token."""
         node, token = self._target(address, dispatch_id)
@@ -310,22 +276,6 @@ def regain_after(response: requests.Response) -> float | None:
         return max(0.0, float(response.headers["Retry-After"]))
     except (KeyError, ValueError):
         return None
-
-
-def proxies(proxy: Proxy) -> dict[str, str]:
-    """The requests ``proxies`` of a ``proxy`` option; raises MessengerConfigurationError for
-    a value that is none of its forms."""
-    value = proxy() if callable(proxy) else proxy
-    if not value:
-        return {}
-    if isinstance(value, str):
-        return {"http": value, "https": value}
-    if isinstance(value, Mapping):
-        return {str(scheme): str(url) for scheme, url in value.items()}
-    raise MessengerConfigurationError(
-        f"FacebookMessenger: proxy must be a URL, a dict of URLs by scheme or a callable returning "
-        f"either, got {type(value).__name__}"
-    )
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 try:
     import requests
@@ -21,17 +21,13 @@ except ModuleNotFoundError as exc:  # an optional dependency: name the extra tha
         name=exc.name,
     ) from exc
 
-from .base import MessengerBase, use_tls_context
 from .exceptions import (
     DeliveryError,
     InvalidAddressError,
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
-
-if TYPE_CHECKING:
-    from dispatcher.messages import MessageBase
-    from dispatcher.models import Dispatch, Message
+from .http import HTTPMessenger
 
 DEFAULT_BASE_URL = "https://api.telegram.org"
 
@@ -62,7 +58,7 @@ for _name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.connectio
     logging.getLogger(_name).addFilter(_ScrubTokens())
 
 
-class TelegramMessenger(MessengerBase):
+class TelegramMessenger(HTTPMessenger):
     """Sends Telegram messages as a bot. Addresses are chat ids (``123456``, ``-1001234567``)
     or public channel names (``@mychannel``). ``proxy`` (``http://...``; ``socks5://...``
     needs PySocks) carries every request; TLS certificates are verified."""
@@ -84,7 +80,6 @@ class TelegramMessenger(MessengerBase):
         self.proxy = proxy
         self.timeout = float(timeout)
         self.base_url = base_url.rstrip("/")
-        self._session: requests.Session | None = None
 
     def __repr__(self) -> str:
         return f"<TelegramMessenger {self.base_url}>"  # never the token
@@ -98,38 +93,7 @@ class TelegramMessenger(MessengerBase):
                 "an @channelname"
             )
 
-    def before_send(self) -> None:
-        self._ensure_session()
-
-    def after_send(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.close()
-
-    def send(
-        self,
-        message_cls: type[MessageBase],
-        message_model: Message,
-        dispatch_models: list[Dispatch],
-    ) -> None:
-        self.send_each(
-            dispatch_models, lambda d: self._send_message(d.address, d.message_cache, d.pk)
-        )
-
-    def _test_message(self, to: str, text: str) -> str:
-        self.validate_address(to)
-        return self._send_message(to, text, None)
-
-    def _ensure_session(self) -> requests.Session:
-        if self._session is None:
-            session = requests.Session()
-            use_tls_context(session)
-            if self.proxy:
-                session.proxies.update({"http": self.proxy, "https": self.proxy})
-            self._session = session
-        return self._session
-
-    def _send_message(self, chat: str, text: str, dispatch_id: int | None) -> str:
+    def deliver(self, chat: str, text: str, dispatch_id: int | None) -> str:
         """Sends one message; returns its message_id. Raises a Temporary- or
         PermanentDeliveryError whose text holds no token."""
         session = self._ensure_session()

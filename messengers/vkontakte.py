@@ -12,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import webbrowser
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 try:
@@ -24,7 +23,6 @@ except ModuleNotFoundError as exc:  # an optional dependency: name the extra tha
         name=exc.name,
     ) from exc
 
-from .base import MessengerBase, use_tls_context
 from .exceptions import (
     DeliveryError,
     InvalidAddressError,
@@ -32,10 +30,7 @@ from .exceptions import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
-
-if TYPE_CHECKING:
-    from dispatcher.messages import MessageBase
-    from dispatcher.models import Dispatch, Message
+from .http import HTTPMessenger, Proxy, proxies
 
 DEFAULT_BASE_URL = "https://api.vk.com"
 DEFAULT_OAUTH_URL = "https://oauth.vk.com"
@@ -51,14 +46,13 @@ PER_SECOND_WAIT = 1.0
 
 #: An http(s) proxy URL for both schemes, a requests ``proxies`` dict, or a callable returning
 #: either (called when the session opens, once per worker process).
-Proxy = str | Mapping[str, str] | Callable[[], Any] | None
 
 #: A user id, or a community id as a negative number.
 _OWNER_ID = re.compile(r"-?[1-9]\d{0,19}")
 _LINK = re.compile(r"https?://\S+")
 
 
-class VKontakteMessenger(MessengerBase):
+class VKontakteMessenger(HTTPMessenger):
     """Posts on VK walls. The address is the wall's ``owner_id``: a user id (``12345``), a
     community id as a negative number (``-12345``: posted as the community), or ``''`` for the
     token owner's own wall. A text that is a single http(s) URL is posted as a link
@@ -80,12 +74,11 @@ class VKontakteMessenger(MessengerBase):
             raise MessengerConfigurationError("VKontakteMessenger: access_token is empty")
         self._token = access_token
         if not callable(proxy):
-            proxies(proxy)  # a bad value fails here, not in a worker
+            proxies(proxy, "VKontakteMessenger")  # a bad value fails here, not in a worker
         self.proxy = proxy
         self.timeout = float(timeout)
         self.base_url = base_url.rstrip("/")
         self.api_version = api_version
-        self._session: requests.Session | None = None
 
     def __repr__(self) -> str:
         return f"<VKontakteMessenger {self.base_url}>"  # never the token
@@ -124,35 +117,7 @@ class VKontakteMessenger(MessengerBase):
                 "id, a community id as a negative number, or '' for the token owner's wall)"
             )
 
-    def before_send(self) -> None:
-        self._ensure_session()
-
-    def after_send(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.close()
-
-    def send(
-        self,
-        message_cls: type[MessageBase],
-        message_model: Message,
-        dispatch_models: list[Dispatch],
-    ) -> None:
-        self.send_each(dispatch_models, lambda d: self._post(d.address, d.message_cache, d.pk))
-
-    def _test_message(self, to: str, text: str) -> str:
-        self.validate_address(to or "")
-        return self._post(to or "", text, None)
-
-    def _ensure_session(self) -> requests.Session:
-        if self._session is None:
-            session = requests.Session()
-            use_tls_context(session)
-            session.proxies.update(proxies(self.proxy))
-            self._session = session
-        return self._session
-
-    def _post(self, owner_id: str, text: str, dispatch_id: int | None) -> str:
+    def deliver(self, owner_id: str, text: str, dispatch_id: int | None) -> str:
         """Publishes one wall post; returns ``<owner_id>_<post_id>`` (or the post id on the
         token owner's wall). Raises a Temporary- or PermanentDeliveryError."""
         text = text.strip()
@@ -221,22 +186,6 @@ class VKontakteMessenger(MessengerBase):
                 f"VK API answered HTTP {status} without a post_id; not retried", **where
             )
         return PermanentDeliveryError(f"VK API refused the post: {reason}", **where)
-
-
-def proxies(proxy: Proxy) -> dict[str, str]:
-    """The requests ``proxies`` of a ``proxy`` option; raises MessengerConfigurationError for
-    a value that is none of its forms."""
-    value = proxy() if callable(proxy) else proxy
-    if not value:
-        return {}
-    if isinstance(value, str):
-        return {"http": value, "https": value}
-    if isinstance(value, Mapping):
-        return {str(scheme): str(url) for scheme, url in value.items()}
-    raise MessengerConfigurationError(
-        f"VKontakteMessenger: proxy must be a URL, a dict of URLs by scheme or a callable returning "
-        f"either, got {type(value).__name__}"
-    )
 
 
 def _dict(value: Any) -> dict[str, Any]:
