@@ -51,6 +51,12 @@ class Message(models.Model):
     def __str__(self) -> str:
         return self.cls
 
+    @property
+    def dispatch_set(self) -> Any:
+        """django-sitemessage's name of ``dispatches`` (its Dispatch.message had no related
+        name); lookups across the relation use ``dispatches__``."""
+        return self.dispatches
+
     def get_type(self) -> type[MessageBase]:
         """Returns the registered message type of this message.
 

@@ -83,6 +83,14 @@ def test_message_create_stores_the_message_and_its_dispatches(user):
     assert {d.dispatch_status for d in Dispatch.objects.all()} == {Dispatch.DISPATCH_STATUS_PENDING}
 
 
+def test_message_dispatch_set_is_upstreams_name_of_its_dispatches(user):
+    message, dispatches = Message.create(
+        "plain", {"stext_": "hi"}, recipients("smtp", [user, "b@example.com"])
+    )
+    assert sorted(d.pk for d in message.dispatch_set.all()) == sorted(d.pk for d in dispatches)
+    assert message.dispatch_set.filter(address="b@example.com").count() == 1
+
+
 def test_message_create_without_recipients_waits_for_its_dispatches():
     message, dispatches = Message.create("plain", {"stext_": "later"})
     assert dispatches == [] and not Message.objects.get(pk=message.pk).dispatches_ready
