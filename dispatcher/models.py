@@ -243,6 +243,27 @@ class Dispatch(models.Model):
         return cls.objects.filter(read_status=cls.ReadStatus.UNREAD).select_related("message")
 
     @classmethod
+    def store(
+        cls, message_model: Message, recipients: Iterable[Any], next_attempt_at: Any = None
+    ) -> list[Dispatch]:
+        """Stores one pending dispatch per (checked) recipient of a saved message, in bulk;
+        returns them with ids. ``next_attempt_at``: when the sweep may publish them again
+        (None: at its next run)."""
+        return Dispatch.objects.bulk_create(
+            [
+                Dispatch(
+                    message=message_model,
+                    messenger=r.messenger,
+                    recipient=r.user,
+                    address=r.address,
+                    next_attempt_at=next_attempt_at,
+                )
+                for r in recipients
+            ],
+            batch_size=500,
+        )
+
+    @classmethod
     def create(cls, message_model: Message, recipients: Any) -> list[Dispatch]:
         """Stores one pending dispatch per recipient (a ``Recipient``, or a list of them) of a
         saved message, which is then marked ``dispatches_ready``; returns the dispatches
@@ -255,18 +276,7 @@ class Dispatch(models.Model):
             raise ScheduleError(f"message {message_model!r} is not saved")
         checked = checked_recipients(recipients)
         with transaction.atomic():
-            dispatches = Dispatch.objects.bulk_create(
-                [
-                    Dispatch(
-                        message=message_model,
-                        messenger=r.messenger,
-                        recipient=r.user,
-                        address=r.address,
-                    )
-                    for r in checked
-                ],
-                batch_size=500,
-            )
+            dispatches = cls.store(message_model, checked)
             if checked and not message_model.dispatches_ready:
                 message_model.dispatches_ready = True
                 message_model.save(update_fields=["dispatches_ready"])

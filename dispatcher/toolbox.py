@@ -106,19 +106,7 @@ def schedule(
                 priority=message.priority if priority is None else priority,
                 dispatches_ready=True,
             )
-            dispatches = Dispatch.objects.bulk_create(
-                [
-                    Dispatch(
-                        message=message_model,
-                        messenger=r.messenger,
-                        recipient=r.user,
-                        address=r.address,
-                        next_attempt_at=next_attempt_at,
-                    )
-                    for r in recipient_list
-                ],
-                batch_size=500,
-            )
+            dispatches = Dispatch.store(message_model, recipient_list, next_attempt_at)
             for dispatch in dispatches:
                 ids_by_messenger[dispatch.messenger].append(dispatch.pk)
             created.append((message_model, dispatches))

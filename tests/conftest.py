@@ -79,6 +79,29 @@ def registries() -> Iterator[None]:
         messages._message_types.update(saved_types)
 
 
+def launch(
+    cmd: list[str], log: Path, name: str, ready: str, env: dict[str, str] | None
+) -> WorkerProcess:
+    """Starts ``python -m celery ...`` on the test database, logging to ``log``; returns once
+    the log shows ``ready`` (raises with the log's end if it never does)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers", *cmd],
+            cwd=ROOT,
+            env=worker_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    process = WorkerProcess(proc, log, name)
+    deadline = time.monotonic() + 60
+    while ready not in process.text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(f"{name} did not start:\n{process.text()[-3000:]}")
+        time.sleep(0.1)
+    return process
+
+
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Starts `celery -A workers worker` processes against the test database; stops them after."""
@@ -94,24 +117,12 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         if purge_first:
             purge(queues)
         name = f"test-{uuid.uuid4().hex[:8]}@%h"
-        log = tmp_path / f"worker-{len(started)}.log"
         cmd = [
-            sys.executable, "-m", "celery", "-A", "workers", "worker",
-            "-Q", ",".join(queues), "-c", str(concurrency), "-P", pool, "-n", name,
+            "worker", "-Q", ",".join(queues), "-c", str(concurrency), "-P", pool, "-n", name,
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
         ]  # fmt: skip
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=worker_env(env), stdout=out, stderr=subprocess.STDOUT
-            )
-        worker = WorkerProcess(proc, log, name)
-        started.append(worker)
-        deadline = time.monotonic() + 60
-        while " ready." not in worker.text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{worker.text()[-3000:]}")
-            time.sleep(0.1)
-        return worker
+        started.append(launch(cmd, tmp_path / f"worker-{len(started)}.log", name, " ready.", env))
+        return started[-1]
 
     yield start
     for worker in started:
@@ -125,24 +136,11 @@ def start_beat(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(env: dict[str, str] | None = None) -> WorkerProcess:
-        log = tmp_path / f"beat-{len(started)}.log"
-        cmd = [
-            sys.executable, "-m", "celery", "-A", "workers", "beat", "-l", "INFO",
-            "-s", str(tmp_path / f"beat-schedule-{len(started)}"),
-            "--pidfile", str(tmp_path / f"beat-{len(started)}.pid"),
-        ]  # fmt: skip
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=worker_env(env), stdout=out, stderr=subprocess.STDOUT
-            )
-        beat = WorkerProcess(proc, log, "beat")
-        started.append(beat)
-        deadline = time.monotonic() + 60
-        while "beat: Starting..." not in beat.text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"beat did not start:\n{beat.text()[-3000:]}")
-            time.sleep(0.1)
-        return beat
+        n = len(started)
+        cmd = ["beat", "-l", "INFO", "-s", str(tmp_path / f"beat-schedule-{n}"),
+               "--pidfile", str(tmp_path / f"beat-{n}.pid")]  # fmt: skip
+        started.append(launch(cmd, tmp_path / f"beat-{n}.log", "beat", "beat: Starting...", env))
+        return started[-1]
 
     yield start
     for beat in started:
