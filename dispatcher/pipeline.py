@@ -116,7 +116,8 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
         lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
         retry_count=F("retry_count") + 1,
     )
-    taken += take_back(alias, dispatch_ids, owner, now)
+    if taken < len(dispatch_ids):  # only rows left unclaimed can be a dead run's
+        taken += take_back(alias, dispatch_ids, owner, now)
     logger.debug("%s: claimed %d of %d dispatches", alias, taken, len(dispatch_ids))
     dispatches = list(
         Dispatch.objects.filter(
