@@ -31,7 +31,7 @@ lint: install ## ruff, mypy, and the import layering (import-linter; contracts i
 # The whole suite on SQLite + Redis, then the end-to-end tests again on PostgreSQL, and the
 # end-to-end and fault tests on RabbitMQ. Services this target started are stopped at the end.
 test: install ## Lint, then all tests (SQLite+Redis; e2e again on PostgreSQL, e2e+faults on RabbitMQ)
-	scripts/services.sh start redis postgres rabbitmq prosody
+	scripts/services.sh start redis postgres rabbitmq prosody chromium
 	status=0; \
 	$(MAKE) --no-print-directory lint || status=$$?; \
 	[ $$status -eq 0 ] && { $(BIN)/pytest || status=$$?; }; \

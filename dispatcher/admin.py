@@ -117,16 +117,16 @@ class DispatchAdmin(ViewOnly, admin.ModelAdmin):
             rows = list(
                 queryset.filter(dispatch_status__in=[Status.FAILED, Status.ERROR])
                 .select_for_update()
-                .values_list("pk", "messenger")
+                .values_list("pk", "messenger", "message__priority")
             )
-            Dispatch.objects.filter(pk__in=[pk for pk, _ in rows]).update(
+            Dispatch.objects.filter(pk__in=[pk for pk, _, _ in rows]).update(
                 dispatch_status=Status.PENDING,
                 retry_count=0,
                 next_attempt_at=timezone.now(),
                 lease_owner="",
                 lease_expires_at=None,
             )
-            log_actions(request, [pk for pk, _ in rows], "Retry now")
+            log_actions(request, [pk for pk, _, _ in rows], "Retry now")
         skipped = queryset.count() - len(rows)
         note = (
             f"; {skipped} skipped (only failed or error dispatches are retried)" if skipped else ""

@@ -33,7 +33,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 @dataclass(frozen=True)
 class Setting(Generic[T]):
-    """One setting; ``kind`` is int, float (an int is accepted), str or dict."""
+    """One setting; ``kind`` is int, float (an int is accepted), str, bool or dict."""
 
     name: str
     default: T
@@ -66,6 +66,8 @@ class Setting(Generic[T]):
     def _problem(self, value: Any) -> str | None:
         if value is None and self.optional:
             return None
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "must be True or False"
         kinds: tuple[type, ...] = (int, float) if self.kind is float else (self.kind,)
         if isinstance(value, bool) or not isinstance(value, kinds):
             what = {int: "an integer", float: "a number", str: "a string", dict: "a dict"}
@@ -93,6 +95,8 @@ class Setting(Generic[T]):
         try:
             if self.kind is dict:
                 return json.loads(raw)
+            if self.kind is bool:
+                return {"1": True, "true": True, "0": False, "false": False}.get(raw.lower(), raw)
             return self.kind(raw) if self.kind in (int, float) else raw
         except ValueError:
             return raw
@@ -185,6 +189,56 @@ CA_FILE = Setting[str | None](
     optional=True,
     validator=ca_file_problem,
 )
+SITE_URL = Setting[str | None](
+    "SITE_URL",
+    None,
+    str,
+    "scheme and host of links in messages (https://example.com); None: SITE_URL, then the "
+    "sites framework, else messages carry no links",
+    optional=True,
+    prefixes=("https://", "http://"),
+)
+LINK_MAX_AGE = Setting[float](
+    "LINK_MAX_AGE",
+    180 * 24 * 3600,
+    float,
+    "seconds an unsubscribe or read link stays valid",
+    minimum=1,
+)
+EMAIL_BACKEND_MESSAGES_PRIORITY = Setting[int | None](
+    "EMAIL_BACKEND_MESSAGES_PRIORITY",
+    None,
+    int,
+    "priority of the e-mail sitemessage.backends.EmailBackend schedules; None: the type's (0)",
+    optional=True,
+    minimum=0,
+    validator=lambda value: None if value <= 32767 else "must be at most 32767",  # a Message row
+)
+APP_MODULE_NAME = Setting[str](
+    "APP_MODULE_NAME", "sitemessages", str, "module of each app that registers messengers"
+)
+INIT_BUILTIN_MESSAGE_TYPES = Setting[bool](
+    "INIT_BUILTIN_MESSAGE_TYPES", True, bool, "register the builtin message types at startup"
+)
+URGENT_PRIORITY = Setting[int | None](
+    "URGENT_PRIORITY",
+    None,
+    int,
+    "messages of at least this priority go to their messenger's urgent lane "
+    "(messenger.<alias>.urgent), ahead of any backlog; None: one lane for all",
+    optional=True,
+    minimum=1,
+    validator=lambda value: None if value <= 32767 else "must be at most 32767",  # a Message row
+)
+CLEANUP_AFTER_DAYS = Setting[int | None](
+    "CLEANUP_AFTER_DAYS",
+    None,
+    int,
+    "beat deletes sent dispatches (and messages left without any) this many days after they "
+    "were sent, hourly; None: never (sitemessage_cleanup by hand)",
+    optional=True,
+    minimum=0,
+)
 
 #: Every setting, by its name without the prefix.
 SETTINGS: dict[str, Setting[Any]] = {
@@ -206,6 +260,13 @@ SETTINGS: dict[str, Setting[Any]] = {
         SHORTCUT_EMAIL_MESSENGER_TYPE,
         SHORTCUT_EMAIL_MESSAGE_TYPE,
         CA_FILE,
+        SITE_URL,
+        LINK_MAX_AGE,
+        EMAIL_BACKEND_MESSAGES_PRIORITY,
+        APP_MODULE_NAME,
+        INIT_BUILTIN_MESSAGE_TYPES,
+        URGENT_PRIORITY,
+        CLEANUP_AFTER_DAYS,
     )
 }
 

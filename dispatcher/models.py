@@ -7,7 +7,8 @@ The database is the source of truth: a dispatch's row says whether it was sent, 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.conf import settings
 from django.db import models, transaction
@@ -18,11 +19,28 @@ from messengers.base import alias_of
 from messengers.exceptions import ScheduleError
 from messengers.registry import get_registered_messenger_object
 
-from .messages import get_registered_message_type
-from .validation import check_priority, check_user, checked_context, checked_recipients
+from .links import Link, address_digest
+from .types import get_registered_message_type
+from .validation import (
+    check_priority,
+    check_supported,
+    check_user,
+    checked_context,
+    checked_recipients,
+)
 
 if TYPE_CHECKING:
     from .messages import MessageBase
+
+#: The label of the user model that senders and recipients are (django-sitemessage's name).
+USER_MODEL: str = settings.AUTH_USER_MODEL
+
+
+class MessageTuple(NamedTuple):
+    """A message and its dispatches: what Message.create() returns (django-sitemessage's)."""
+
+    message: Message
+    dispatches: list[Dispatch]
 
 
 class Message(models.Model):
@@ -61,9 +79,13 @@ class Message(models.Model):
         """Returns the registered message type of this message.
 
         Raises UnknownMessageTypeError when ``cls`` is not registered (any more)."""
-        from .messages import get_registered_message_type
-
         return get_registered_message_type(self.cls)
+
+    @classmethod
+    def get_without_dispatches(cls) -> QuerySet[Message]:
+        """Returns the messages waiting for their dispatches: scheduled without recipients,
+        they get them from their type's subscribers (prepare_dispatches())."""
+        return cls.objects.filter(dispatches_ready=False)
 
     @classmethod
     def create(
@@ -76,31 +98,33 @@ class Message(models.Model):
         group_mark: str = "",
         context_merge_hook: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
         | None = None,
-    ) -> tuple[Message, list[Dispatch]]:
+    ) -> MessageTuple:
         """Stores a message and its dispatches (django-sitemessage's ``Message.create``);
-        returns ``(message, dispatches)``. Without recipients the message waits for its
+        returns a MessageTuple ``(message, dispatches)``. Without recipients the message waits for its
         dispatches (made later from the subscribers). Dispatches are delivered by the next
         sweep. With a ``group_mark``, the new context is merged (``context_merge_hook(old,
         new)``, default: the new one replaces the old) into a stored message of the same type,
-        mark and sender whose dispatches all wait unsent and go to exactly the same recipients;
-        otherwise a new message is stored.
+        mark and sender whose dispatches all wait, never tried, and go to exactly the same
+        recipients; otherwise a new message is stored.
 
         Raises ScheduleError (InvalidAddressError, InvalidContextError, UnknownMessengerError)
         for bad input before anything is written."""
         _check_text(message_class, "message_class")
         _check_text(group_mark, "group_mark", allow_empty=True)
-        checked_context(context, get_registered_message_type(message_class))
+        message_type = get_registered_message_type(message_class)
+        checked_context(context, message_type)
         if sender is not None:
             check_user(sender, "sender")
         if priority is not None:
             check_priority(priority)
         wanted = None if recipients is None else checked_recipients(recipients)
+        check_supported(message_type, wanted or [])
         with transaction.atomic():
             grouped = group_mark and cls._merge_into_group(
                 message_class, context, wanted, sender, group_mark, context_merge_hook
             )
             if grouped:
-                return grouped
+                return MessageTuple(*grouped)
             message = cls.objects.create(
                 cls=message_class,
                 context=context,
@@ -109,7 +133,7 @@ class Message(models.Model):
                 dispatches_ready=wanted is not None,
                 **({} if priority is None else {"priority": priority}),
             )
-            return message, [] if wanted is None else Dispatch.create(message, wanted)
+            return MessageTuple(message, [] if wanted is None else Dispatch.create(message, wanted))
 
     @classmethod
     def _merge_into_group(
@@ -133,16 +157,19 @@ class Message(models.Model):
             dispatches_ready=wanted is not None,
         )
         if wanted is not None:
-            # Only messages still entirely unsent: a group's sent history is not rescanned.
-            pending = Dispatch.objects.filter(dispatch_status=Dispatch.Status.PENDING)
-            others = Dispatch.objects.exclude(dispatch_status=Dispatch.Status.PENDING)
-            candidates = candidates.filter(pk__in=pending.values("message")).exclude(
-                pk__in=others.values("message")
+            # Only messages no dispatch of which was ever tried: a retried one may have reached
+            # its recipient already. Per candidate, so a group's sent history is not scanned.
+            own = Dispatch.objects.filter(message=models.OuterRef("pk"))
+            candidates = candidates.filter(models.Exists(own)).exclude(
+                models.Exists(own.exclude(_UNTRIED))
             )
         wanted_keys = None if wanted is None else {(r.messenger, r.address) for r in wanted}
         for message in candidates.order_by("-pk"):
             dispatches = list(message.dispatches.select_for_update().order_by("pk"))
-            unsent = all(d.dispatch_status == Dispatch.Status.PENDING for d in dispatches)
+            unsent = all(
+                d.dispatch_status == Dispatch.Status.PENDING and not d.retry_count
+                for d in dispatches
+            )
             keys = {(d.messenger, d.address) for d in dispatches} if dispatches else None
             if unsent and keys == wanted_keys:
                 merged = (hook or (lambda _old, new: new))(message.context, context)
@@ -177,6 +204,9 @@ class Dispatch(models.Model):
     DISPATCH_STATUS_FAILED = Status.FAILED
     READ_STATUS_UNREAD = ReadStatus.UNREAD
     READ_STATUS_READ = ReadStatus.READ
+    #: django-sitemessage's choices: (value, label) pairs, in its order.
+    DISPATCH_STATUSES = tuple(Status.choices)
+    READ_STATUSES = tuple(ReadStatus.choices)
 
     id = models.BigAutoField(primary_key=True)
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="dispatches")
@@ -201,6 +231,10 @@ class Dispatch(models.Model):
     #: The body rendered for this recipient, kept so a retry sends the same text; empty when
     #: the message type renders one body for all recipients (it is rendered again instead).
     message_cache = models.TextField(blank=True, default="")
+    #: Not delivered before this moment (None: at once); the sweep publishes it when due.
+    send_at = models.DateTimeField(null=True, blank=True)
+    #: Never delivered after this moment: a dispatch still unsent then ends FAILED ("expired").
+    expires_at = models.DateTimeField(null=True, blank=True)
 
     #: Set by the messenger's mark_*() calls during a batch; never stored as such.
     outcome: Any = None
@@ -209,6 +243,9 @@ class Dispatch(models.Model):
     #: True while ``message_cache`` holds the body shared by the message's recipients (in
     #: memory only: one string for the whole batch, not stored per dispatch).
     body_shared: bool = False
+    #: The recipient's https unsubscribe URL while a batch is sent (List-Unsubscribe); in
+    #: memory only, set by the pipeline for types one can unsubscribe from.
+    unsubscribe_url: str = ""
 
     class Meta:
         verbose_name = "dispatch"
@@ -223,6 +260,10 @@ class Dispatch(models.Model):
             ),
             models.Index(
                 fields=["dispatch_status", "time_created"], name="sm_dispatch_status_created"
+            ),
+            # The sweep: pending and error rows past their expires_at.
+            models.Index(
+                fields=["dispatch_status", "expires_at"], name="sm_dispatch_status_expires"
             ),
         ]
 
@@ -243,12 +284,45 @@ class Dispatch(models.Model):
         return cls.objects.filter(read_status=cls.ReadStatus.UNREAD).select_related("message")
 
     @classmethod
+    def get_unsent(cls, priority: int | None = None) -> QuerySet[Dispatch]:
+        """Returns the dispatches neither sent nor given up on (pending, or waiting for a
+        retry), of messages of ``priority`` if given, with their messages, oldest first.
+        Unlike django-sitemessage's, it claims nothing: the rows stay as they are, for the
+        workers (send_scheduled_messages() delivers the due ones in this process).
+
+        Raises ScheduleError for a priority no message can have."""
+        unsent = cls.objects.filter(dispatch_status__in=[cls.Status.PENDING, cls.Status.ERROR])
+        if priority is not None:
+            check_priority(priority)
+            unsent = unsent.filter(message__priority=priority)
+        return unsent.select_related("message").order_by("pk")
+
+    @staticmethod
+    def group_by_messengers(dispatches: Iterable[Dispatch]) -> dict[str, dict[int, MessageTuple]]:
+        """Groups dispatches by messenger alias, then by message id, in the order they come:
+        ``{alias: {message id: MessageTuple(message, [dispatch, ...])}}`` (django-sitemessage's
+        shape)."""
+        grouped: dict[str, dict[int, MessageTuple]] = {}
+        for dispatch in dispatches:
+            by_message = grouped.setdefault(dispatch.messenger, {})
+            if dispatch.message_id not in by_message:
+                by_message[dispatch.message_id] = MessageTuple(dispatch.message, [])
+            by_message[dispatch.message_id].dispatches.append(dispatch)
+        return grouped
+
+    @classmethod
     def store(
-        cls, message_model: Message, recipients: Iterable[Any], next_attempt_at: Any = None
+        cls,
+        message_model: Message,
+        recipients: Iterable[Any],
+        next_attempt_at: Any = None,
+        *,
+        send_at: Any = None,
+        expires_at: Any = None,
     ) -> list[Dispatch]:
         """Stores one pending dispatch per (checked) recipient of a saved message, in bulk;
         returns them with ids. ``next_attempt_at``: when the sweep may publish them again
-        (None: at its next run)."""
+        (None: at its next run); ``send_at`` and ``expires_at`` (checked): their window."""
         return Dispatch.objects.bulk_create(
             [
                 Dispatch(
@@ -257,6 +331,8 @@ class Dispatch(models.Model):
                     recipient=r.user,
                     address=r.address,
                     next_attempt_at=next_attempt_at,
+                    send_at=send_at,
+                    expires_at=expires_at,
                 )
                 for r in recipients
             ],
@@ -382,6 +458,24 @@ class DispatchError(models.Model):
     def __str__(self) -> str:
         return f"Dispatch ID {self.dispatch_id} error entry"
 
+    @classmethod
+    def expired(
+        cls, dispatch_id: int, attempt: int, expires_at: datetime, now: datetime
+    ) -> DispatchError:
+        """The (unsaved) entry of a dispatch failed unsent because its ``expires_at`` passed;
+        the claim and the sweep both write it, so an operator sees one reason either way."""
+        return cls(
+            dispatch_id=dispatch_id,
+            attempt=attempt,
+            exc_type=EXPIRED,
+            error_log=f"expired: not sent by its expires_at, {expires_at.isoformat()}",
+            time_created=now,
+        )
+
+
+#: exc_type of the entry of a dispatch that expired unsent.
+EXPIRED = "Expired"
+
 
 class Subscription(models.Model):
     """A user's (or an address's) subscription to a message type through a messenger."""
@@ -397,6 +491,19 @@ class Subscription(models.Model):
 
     class Meta:
         verbose_name = "subscription"
+        constraints = [
+            # django-sitemessage had none: a doubled row sent a subscriber every message twice.
+            models.UniqueConstraint(
+                fields=["message_cls", "messenger_cls", "recipient"],
+                condition=models.Q(recipient__isnull=False),
+                name="sm_subscription_unique_user",
+            ),
+            models.UniqueConstraint(
+                fields=["message_cls", "messenger_cls", "address"],
+                condition=models.Q(recipient__isnull=True),
+                name="sm_subscription_unique_address",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.recipient_id or self.address} [{self.message_cls} - {self.messenger_cls}]"
@@ -434,9 +541,12 @@ class Subscription(models.Model):
         """Subscribes a user (object or id) or an address to a message type (or alias) through
         a messenger (or alias); an existing identical subscription is returned, not doubled.
 
+        Subscribing again undoes an earlier unsubscribe (the recipient's OptOut).
+
         Raises ScheduleError (UnknownMessengerError) for a bad argument, before writing."""
         kwargs = cls._base_kwargs(uid_or_address, message_cls, messenger_cls)
         with transaction.atomic():
+            OptOut.forget(kwargs)
             existing = cls.objects.filter(**kwargs).order_by("pk").first()
             return existing or cls.objects.create(**kwargs)
 
@@ -473,6 +583,105 @@ class Subscription(models.Model):
             kwargs["recipient_id"] = recipient.pk
         return kwargs
 
+
+class OptOut(models.Model):
+    """A recipient who unsubscribed from a message type through a messenger: nothing of that
+    type is sent to them through it any more, even when addressed explicitly (the dispatch
+    fails with reason "unsubscribed"). Holds a digest of the address, not the address."""
+
+    id = models.BigAutoField(primary_key=True)
+    time_created = models.DateTimeField(default=timezone.now)
+    message_cls = models.CharField("message type", max_length=250)
+    messenger_cls = models.CharField("messenger", max_length=250)
+    #: links.address_digest() of the address the unsubscribe link was sent to.
+    address_digest = models.CharField(max_length=64)
+    recipient = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+
+    class Meta:
+        verbose_name = "opt-out"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message_cls", "messenger_cls", "address_digest"],
+                name="sm_optout_unique_address",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["message_cls", "messenger_cls", "recipient"], name="sm_optout_user"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"opt-out [{self.message_cls} - {self.messenger_cls}]"
+
+    @classmethod
+    def record(cls, link: Link) -> None:
+        """Unsubscribes the recipient of a valid unsubscribe link: removes their subscriptions
+        to the link's message type through its messenger and records the opt-out (once)."""
+        pair = {"message_cls": link.message_type, "messenger_cls": link.messenger}
+        with transaction.atomic():
+            subscriptions = Subscription.objects.filter(**pair)
+            if link.recipient_id is not None:
+                subscriptions.filter(recipient_id=link.recipient_id).delete()
+            by_address = subscriptions.filter(recipient__isnull=True, address__isnull=False)
+            doomed = [
+                pk
+                for pk, address in by_address.values_list("pk", "address").iterator()
+                if address_digest(address or "") == link.address_digest
+            ]
+            Subscription.objects.filter(pk__in=doomed).delete()
+            cls.objects.update_or_create(
+                message_cls=link.message_type,
+                messenger_cls=link.messenger,
+                address_digest=link.address_digest,
+                defaults={"recipient_id": link.recipient_id},
+            )
+
+    @classmethod
+    def forget(cls, subscription: dict[str, Any]) -> int:
+        """Removes the opt-outs a new subscription (its columns) undoes; returns how many."""
+        pair = {k: subscription[k] for k in ("message_cls", "messenger_cls")}
+        if subscription.get("recipient_id") is not None:
+            doomed = cls.objects.filter(**pair, recipient_id=subscription["recipient_id"])
+        else:
+            doomed = cls.objects.filter(
+                **pair, address_digest=address_digest(subscription["address"])
+            )
+        return doomed.delete()[0]
+
+    @classmethod
+    def opted_out(cls, dispatches: list[Dispatch]) -> set[int]:
+        """The ids of those dispatches whose recipient unsubscribed from their message type
+        through their messenger (one query)."""
+        if not dispatches:
+            return set()
+        users = {d.recipient_id for d in dispatches if d.recipient_id is not None}
+        digests = {d.pk: address_digest(d.address) for d in dispatches}
+        rows = cls.objects.filter(
+            message_cls__in={d.message.cls for d in dispatches},
+            messenger_cls__in={d.messenger for d in dispatches},
+        ).filter(
+            models.Q(address_digest__in=set(digests.values())) | models.Q(recipient_id__in=users)
+        )
+        keys = set()
+        for message_cls, messenger_cls, recipient_id, digest in rows.values_list(
+            "message_cls", "messenger_cls", "recipient_id", "address_digest"
+        ):
+            keys.add((message_cls, messenger_cls, digest))
+            if recipient_id is not None:
+                keys.add((message_cls, messenger_cls, recipient_id))
+        return {
+            d.pk
+            for d in dispatches
+            if (d.message.cls, d.messenger, digests[d.pk]) in keys
+            or (d.message.cls, d.messenger, d.recipient_id) in keys
+        }
+
+
+#: A dispatch never tried: pending, and never claimed (a claim counts an attempt).
+_UNTRIED = models.Q(dispatch_status=Dispatch.Status.PENDING, retry_count=0)
 
 _STATUS_KEYS = {
     "sent": Dispatch.Status.SENT,

@@ -9,12 +9,14 @@ delivering at the same time never send a dispatch twice.
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from django.conf import settings
 from django.db import transaction
@@ -238,7 +240,23 @@ def cleanup_sent_messages(ago: int | None = None, dispatches_only: bool = False)
     """Deletes SENT dispatches (those sent at least ``ago`` days ago, or all of them when
     ``ago`` is None or 0) with their error logs, and then the messages they belonged to that
     have no dispatch left, unless ``dispatches_only``. Returns how many of each it deleted.
+    Deletes in chunks, each in its own transaction (see cleanup_for).
+
     Raises TypeError or ValueError for an ``ago`` that is not a non-negative integer."""
+    return cleanup_for(math.inf, ago, dispatches_only)[0]
+
+
+def cleanup_for(
+    seconds: float, ago: int | None = None, dispatches_only: bool = False
+) -> tuple[Cleanup, bool]:
+    """cleanup_sent_messages() for about ``seconds``: it stops after the chunk that used them
+    up. Returns what it deleted, and True when it stopped so, with sent rows maybe left for
+    the next run (the beat task's time limit bounds a run; the rows do not).
+
+    The sent rows are taken DELETE_CHUNK ids at a time, each chunk selected with a LIMIT after
+    the last id of the one before and deleted in a transaction of its own, so a table of
+    millions is never loaded into memory nor locked for long, no statement names more than a
+    chunk of ids, and what was deleted stays deleted when a run is interrupted."""
     if ago is not None:
         if not isinstance(ago, int) or isinstance(ago, bool):
             raise TypeError(f"ago must be a number of days (an integer), got {ago!r}")
@@ -251,19 +269,26 @@ def cleanup_sent_messages(ago: int | None = None, dispatches_only: bool = False)
         sent = sent.filter(
             Q(sent_at__lte=cutoff) | Q(sent_at__isnull=True, time_dispatched__lte=cutoff)
         )
-    with transaction.atomic():
-        rows = list(sent.values_list("pk", "message_id"))
-        for chunk in _chunks([pk for pk, _ in rows]):
-            Dispatch.objects.filter(pk__in=chunk).delete()
-        deleted_messages = 0
-        if not dispatches_only:
-            touched = sorted({message_id for _, message_id in rows})
-            for chunk in _chunks(touched):
-                _, by_model = Message.objects.filter(pk__in=chunk, dispatches__isnull=True).delete()
-                deleted_messages += by_model.get(Message._meta.label, 0)
-    return Cleanup(len(rows), deleted_messages)
-
-
-def _chunks(ids: list[Any]) -> Iterable[list[Any]]:
-    for start in range(0, len(ids), DELETE_CHUNK):
-        yield ids[start : start + DELETE_CHUNK]
+    deadline = time.monotonic() + seconds
+    dispatches = messages = last = 0
+    while True:
+        with transaction.atomic():
+            chunk = list(
+                sent.filter(pk__gt=last)
+                .order_by("pk")
+                .values_list("pk", "message_id")[:DELETE_CHUNK]
+            )
+            if not chunk:
+                return Cleanup(dispatches, messages), False
+            Dispatch.objects.filter(pk__in=[pk for pk, _ in chunk]).delete()
+            if not dispatches_only:
+                orphans = Message.objects.filter(
+                    pk__in={message_id for _, message_id in chunk}, dispatches__isnull=True
+                )
+                messages += orphans.delete()[1].get(Message._meta.label, 0)
+        dispatches += len(chunk)
+        last = chunk[-1][0]
+        if len(chunk) < DELETE_CHUNK:
+            return Cleanup(dispatches, messages), False
+        if time.monotonic() >= deadline:
+            return Cleanup(dispatches, messages), True

@@ -39,8 +39,9 @@ from messengers.registry import get_registered_messenger_object
 
 from . import conf
 from .messages import MessageBase, get_registered_message_type, retry_limit
-from .models import Dispatch, DispatchError, Message
+from .models import Dispatch, DispatchError, Message, OptOut
 from .ratelimit import RateLimiter
+from .signals import dispatch_failed, dispatch_sent, send_outcome
 
 logger = logging.getLogger(__name__)
 Status = Dispatch.Status
@@ -89,7 +90,8 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
                 messenger.mark_exception(dispatch, exc)
         else:
             limiter = RateLimiter.of(messenger, max_wait=conf.RATE_LIMIT_MAX_WAIT.get())
-            for _, group in groupby(dispatches, key=lambda d: d.message_id):
+            sendable = _without_opted_out(messenger, dispatches)
+            for _, group in groupby(sendable, key=lambda d: d.message_id):
                 _send_message(messenger, list(group), limiter)
         for dispatch in unmarked(dispatches):
             messenger.mark_error(
@@ -104,11 +106,14 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
 
 def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
     """Takes the claimable rows among ``dispatch_ids`` for ``owner``, and those a dead process
-    of this host held for the same run (see take_back); returns them."""
+    of this host held for the same run (see take_back); returns them, less those that expired
+    (see fail_expired). A row whose ``send_at`` is still ahead is not claimable: a task that
+    arrives early sends nothing, and the sweep publishes the row when it is due."""
     now = timezone.now()
     claimable = Dispatch.objects.filter(pk__in=dispatch_ids, messenger=alias).filter(
         Q(dispatch_status=Status.PENDING)
-        | Q(dispatch_status=Status.ERROR, next_attempt_at__lte=now)
+        | Q(dispatch_status=Status.ERROR, next_attempt_at__lte=now),
+        Q(send_at__isnull=True) | Q(send_at__lte=now),
     )
     taken = claimable.update(
         dispatch_status=Status.PROCESSING,
@@ -130,7 +135,39 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
     messages = Message.objects.in_bulk({d.message_id for d in dispatches})
     for dispatch in dispatches:
         dispatch.message = messages[dispatch.message_id]
-    return dispatches
+    return fail_expired(dispatches, owner, now)
+
+
+def fail_expired(dispatches: list[Dispatch], owner: str, now: datetime) -> list[Dispatch]:
+    """Ends the claimed dispatches whose ``expires_at`` has passed FAILED without sending them
+    (a late one-time code or sale is worse than none), each with an "Expired" error and the
+    dispatch_failed signal; returns the others. Expiring is no attempt: the claim's count is
+    given back."""
+    expiry = {d.pk: d.expires_at for d in dispatches if d.expires_at and d.expires_at <= now}
+    if not expiry:
+        return dispatches
+    expired = [d for d in dispatches if d.pk in expiry]
+    with transaction.atomic():
+        Dispatch.objects.filter(
+            pk__in=list(expiry), dispatch_status=Status.PROCESSING, lease_owner=owner
+        ).update(
+            dispatch_status=Status.FAILED,
+            retry_count=F("retry_count") - 1,
+            lease_owner="",
+            lease_expires_at=None,
+            next_attempt_at=None,
+        )
+        for dispatch in expired:
+            dispatch.dispatch_status = Status.FAILED
+            dispatch.retry_count -= 1
+            dispatch.lease_owner, dispatch.lease_expires_at = "", None
+            dispatch.next_attempt_at = None
+        DispatchError.objects.bulk_create(
+            DispatchError.expired(d.pk, d.retry_count, expiry[d.pk], now) for d in expired
+        )
+    logger.info("%s: %d claimed dispatches had expired: failed unsent", owner, len(expired))
+    send_outcome(dispatch_failed, expired)
+    return [d for d in dispatches if d.pk not in expiry]
 
 
 def take_back(alias: str, dispatch_ids: list[int], owner: str, now: datetime) -> int:
@@ -261,26 +298,54 @@ def _send_message(messenger: Any, dispatches: list[Dispatch], limiter: RateLimit
         _send(messenger, message_cls, message_model, [dispatch])
 
 
+def _without_opted_out(messenger: Any, dispatches: list[Dispatch]) -> list[Dispatch]:
+    """Fails the dispatches whose recipient unsubscribed from their message type through this
+    messenger (also those addressed explicitly), with one query for the batch; returns the
+    others."""
+    checked = [d for d in dispatches if _can_unsubscribe(d.message.cls)]
+    opted_out = OptOut.opted_out(checked)
+    for dispatch in checked:
+        if dispatch.pk in opted_out:
+            messenger.mark_failed(
+                dispatch,
+                f"unsubscribed: the recipient opted out of {dispatch.message.cls!r} "
+                f"through {dispatch.messenger!r}",
+            )
+    return [d for d in dispatches if d.pk not in opted_out]
+
+
+def _can_unsubscribe(alias: str) -> bool:
+    try:
+        return get_registered_message_type(alias).allow_user_subscription
+    except LookupError:
+        return False  # failed as unknown when its message is sent
+
+
 def _render(
     messenger: Any, message_cls: type[MessageBase], message_model: Any, dispatches: list[Dispatch]
 ) -> list[Dispatch]:
-    """Gives each dispatch its body (kept from an earlier attempt, rendered for it, or the one
-    body of a type without a dynamic context); returns those that have one."""
+    """Gives each dispatch its body (kept from an earlier attempt, compiled for it, or the one
+    body of a type without a dynamic context with this recipient's links put in) and, for a
+    type one can unsubscribe from, its ``unsubscribe_url`` (List-Unsubscribe); returns those
+    that have a body."""
     shared: str | None = None
     ready = []
     for dispatch in dispatches:
-        if not dispatch.message_cache:
-            try:
+        try:
+            if not dispatch.message_cache:
                 if message_cls.has_dynamic_context:
-                    dispatch.message_cache = message_cls.render(message_model, dispatch)
+                    dispatch.message_cache = message_cls.compile(message_model, messenger, dispatch)
                 else:
                     if shared is None:
-                        shared = message_cls.render(message_model, None)
-                    dispatch.message_cache, dispatch.body_shared = shared, True
-            except Exception as exc:
-                logger.warning("rendering dispatch %s failed: %r", dispatch.pk, exc)
-                messenger.mark_error(dispatch, exc)
-                continue
+                        shared = message_cls.compile(message_model, messenger, None)
+                    body = message_cls.personalise(shared, message_model, dispatch)
+                    dispatch.message_cache, dispatch.body_shared = body, True
+            url = message_cls.get_unsubscribe_directive(message_model, dispatch)
+            dispatch.unsubscribe_url = url if url.startswith("https://") else ""
+        except Exception as exc:
+            logger.warning("rendering dispatch %s failed: %r", dispatch.pk, exc)
+            messenger.mark_error(dispatch, exc)
+            continue
         ready.append(dispatch)
     return ready
 
@@ -370,6 +435,9 @@ class Recorder:
         elif dispatch.dispatch_status in _COUNTER:
             name = _COUNTER[dispatch.dispatch_status]
             setattr(self.result, name, getattr(self.result, name) + 1)
+            signal = _SIGNALS.get(dispatch.dispatch_status)
+            if signal is not None:
+                send_outcome(signal, [dispatch])
 
 
 def with_db_retry(operation: Callable[[], T]) -> T:
@@ -390,6 +458,7 @@ def with_db_retry(operation: Callable[[], T]) -> T:
 
 
 _COUNTER: dict[int, str] = {Status.SENT: "sent", Status.ERROR: "errors", Status.FAILED: "failed"}
+_SIGNALS: dict[int, Any] = {Status.SENT: dispatch_sent, Status.FAILED: dispatch_failed}
 _OUTCOME_FIELDS = [
     "dispatch_status",
     "retry_count",

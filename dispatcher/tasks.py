@@ -12,9 +12,9 @@ import logging
 
 from celery import Task, shared_task
 
-from workers.queues import SCHEDULE_MESSAGES, SEND_DISPATCHES, SWEEP
+from workers.queues import CLEANUP, SCHEDULE_MESSAGES, SEND_DISPATCHES, SWEEP
 
-from . import pipeline, toolbox
+from . import conf, operations, pipeline, toolbox
 from . import sweep as sweeping
 
 logger = logging.getLogger(__name__)
@@ -47,3 +47,21 @@ def schedule_messages(request_id: int) -> dict[str, int]:
 def sweep(priority: int | None = None) -> dict[str, int]:
     """Re-enqueues due retries and lost or stuck dispatches (run by beat)."""
     return sweeping.sweep(priority=priority)
+
+
+#: Seconds one cleanup run deletes for, well inside the task's soft time limit (240 s); a
+#: table left with more sent rows is deleted further by the next runs.
+CLEANUP_BUDGET = 120
+
+
+@shared_task(name=CLEANUP, ignore_result=True)
+def cleanup() -> dict[str, int]:
+    """Deletes the dispatches sent more than SITEMESSAGE_CLEANUP_AFTER_DAYS days ago and the
+    messages left without any (run by beat, hourly); does nothing when the setting is None."""
+    days = conf.CLEANUP_AFTER_DAYS.get()
+    if days is None:
+        return {"dispatches": 0, "messages": 0, "more": 0}
+    result, more = operations.cleanup_for(CLEANUP_BUDGET, ago=days)
+    if more:
+        logger.info("cleanup stopped after %d dispatches; the next run goes on", result.dispatches)
+    return {"dispatches": result.dispatches, "messages": result.messages, "more": int(more)}

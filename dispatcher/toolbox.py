@@ -14,30 +14,49 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
-from datetime import timedelta
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import models, transaction
+from django.db import transaction
 from django.utils import timezone
 
-from messengers.base import MessengerBase, alias_of
-from messengers.exceptions import InvalidAddressError, ScheduleError
+from messengers.exceptions import ScheduleError
 from messengers.registry import get_registered_messenger_object
 from workers import broker
 
 from . import conf
-from .messages import MessageBase, PlainTextMessage, get_registered_message_type
-from .models import Dispatch, Message, ScheduleRequest
+from .messages import (
+    MessageBase,
+    PlainTextMessage,
+    get_registered_message_type,
+    get_registered_message_types,
+)
+from .models import Dispatch, Message, MessageTuple, ScheduleRequest
 from .validation import (
     Recipient,
     check_priority,
+    check_supported,
     check_user,
     checked_context,
     checked_recipients,
+    recipients,  # the public name is toolbox.recipients()
     user_pk,
 )
+
+__all__ = [
+    "_ALIAS_SEP",
+    "_PREF_POST_KEY",
+    "Recipient",
+    "get_message_type_for_app",
+    "override_message_type_for_app",
+    "prepare_dispatches",
+    "recipients",
+    "schedule_messages",
+    "send_test_message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,54 +70,59 @@ _PREF_POST_KEY = "sm_user_pref"
 _message_types_for_apps: dict[str, dict[str, str]] = defaultdict(dict)
 
 
-def recipients(
-    messenger: str | type[MessengerBase] | MessengerBase, addresses_or_users: Any
-) -> list[Recipient]:
-    """Builds the recipient list of one messenger from addresses and user objects.
-    Lists from several calls can be added together."""
-    messenger_obj = get_registered_messenger_object(messenger)
-    alias = alias_of(messenger_obj)
-    if isinstance(addresses_or_users, str | models.Model) or not isinstance(
-        addresses_or_users, Iterable
-    ):
-        addresses_or_users = [addresses_or_users]
-    result = []
-    for item in addresses_or_users:
-        user = item if isinstance(item, models.Model) else None
-        if user is not None:
-            check_user(user, "recipient")
-        address = messenger_obj.get_address(item)
-        if not isinstance(address, str) or (user is not None and not address):
-            what = f"user {user!r} (pk {user.pk})" if user is not None else repr(item)[:100]
-            raise InvalidAddressError(f"messenger {alias!r}: {what} has no address for it")
-        result.append(Recipient(alias, user, address))
-    for recipient in result:
-        messenger_obj.validate_address(recipient.address)
-    return result
-
-
 def schedule(
     messages: Any,
     recipients: Iterable[Recipient] | None = None,
     sender: Any = None,
     priority: int | None = None,
     *,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
     publish: bool = True,
-) -> list[tuple[Message, list[Dispatch]]]:
+    expired_ok: bool = False,
+) -> list[MessageTuple]:
     """Stores messages and one dispatch per recipient, then (after commit) enqueues one
     delivery task per messenger batch, unless ``publish`` is False (the caller delivers them
-    itself; the sweep publishes them if it does not). Returns the (message, dispatches) pairs;
-    an empty recipient list stores nothing. Duplicate (messenger, address) pairs are sent once."""
+    itself; the sweep publishes them if it does not). Returns a MessageTuple (message,
+    dispatches) per message; an empty recipient list stores nothing. Duplicate (messenger,
+    address) pairs are sent once. Messages of at least SITEMESSAGE_URGENT_PRIORITY go to their
+    messengers' urgent lanes.
+
+    ``send_at``: not delivered before; a later one is not published now but by the first sweep
+    after it. ``expires_at``: never delivered after; a dispatch still unsent then ends FAILED
+    ("expired"). One already past is refused (see check_window), unless ``expired_ok`` (a
+    .delay() call expanded late: its dispatches are stored, and fail as expired).
+
+    Without recipients (None), each message is stored waiting for its dispatches, which
+    prepare_dispatches() makes from its type's subscribers. A type with a ``group_mark`` goes
+    through Message.create(), which merges it into an unsent message of its group to the same
+    recipients."""
     message_objs, recipient_list, contexts = checked_call(messages, recipients, sender, priority)
-    if not recipient_list:
+    check_window(message_objs, recipients, send_at, expires_at, expired_ok=expired_ok)
+    if recipients is not None and not recipient_list:
         return []
 
-    created = []
-    batch_size = conf.BATCH_SIZE.get()
-    next_attempt_at = timezone.now() + republish_after()
-    ids_by_messenger: dict[str, list[int]] = defaultdict(list)
+    check_publishing()
+    created: list[MessageTuple] = []
+    now = timezone.now()
+    later = send_at is not None and send_at > now
+    # A later dispatch waits for the sweep, which publishes what is due by next_attempt_at.
+    next_attempt_at = send_at if later else now + republish_after()
+    to_publish: list[tuple[int, str, int]] = []
     with transaction.atomic():
         for message, context in zip(message_objs, contexts, strict=True):
+            if recipients is None or message.group_mark:
+                message.context = context
+                message_model, dispatches = message.schedule(
+                    None if recipients is None else recipient_list, sender, priority
+                )
+                created.append(MessageTuple(message_model, dispatches))
+                to_publish += [(d.pk, d.messenger, message_model.priority) for d in dispatches]
+                # Published below: the sweep need not publish them again at its next run.
+                Dispatch.objects.filter(
+                    pk__in=[d.pk for d in dispatches], next_attempt_at__isnull=True
+                ).update(next_attempt_at=next_attempt_at)
+                continue
             message_model = Message.objects.create(
                 cls=message.get_alias(),
                 context=context,
@@ -106,13 +130,65 @@ def schedule(
                 priority=message.priority if priority is None else priority,
                 dispatches_ready=True,
             )
-            dispatches = Dispatch.store(message_model, recipient_list, next_attempt_at)
-            for dispatch in dispatches:
-                ids_by_messenger[dispatch.messenger].append(dispatch.pk)
-            created.append((message_model, dispatches))
-        if publish:
-            transaction.on_commit(lambda: broker.enqueue(ids_by_messenger, batch_size))
+            dispatches = Dispatch.store(
+                message_model,
+                recipient_list,
+                next_attempt_at,
+                send_at=send_at,
+                expires_at=expires_at,
+            )
+            if not later:
+                to_publish += [(d.pk, d.messenger, message_model.priority) for d in dispatches]
+            created.append(MessageTuple(message_model, dispatches))
+        if publish and to_publish:
+            transaction.on_commit(lambda: publish_dispatches(to_publish))
     return created
+
+
+def check_window(
+    messages: Sequence[MessageBase],
+    recipients: Iterable[Recipient] | None,
+    send_at: Any,
+    expires_at: Any,
+    *,
+    expired_ok: bool = False,
+) -> None:
+    """Raises ScheduleError naming the argument unless ``send_at`` and ``expires_at`` are None
+    or datetimes Django can store (aware when USE_TZ is on, naive when it is off), and
+    ``expires_at`` comes after ``send_at`` and (unless ``expired_ok``) after now: a message
+    that may never be delivered is a mistake to report, not to store. The window belongs to
+    dispatches, so it needs recipients now and a type without ``group_mark`` (a grouped
+    message is merged into one whose dispatches have their own)."""
+    if send_at is None and expires_at is None:
+        return
+    aware = settings.USE_TZ
+    for name, value in (("send_at", send_at), ("expires_at", expires_at)):
+        if value is None:
+            continue
+        if not isinstance(value, datetime):
+            raise ScheduleError(f"{name} must be a datetime or None, got {type(value).__name__}")
+        if timezone.is_aware(value) != aware:
+            raise ScheduleError(
+                f"{name} must be {'an aware' if aware else 'a naive'} datetime (USE_TZ is "
+                f"{'on' if aware else 'off'}), got {value.isoformat()}"
+                + (", e.g. timezone.now() + timedelta(hours=1)" if aware else "")
+            )
+    if send_at is not None and expires_at is not None and expires_at <= send_at:
+        raise ScheduleError(
+            f"expires_at ({expires_at.isoformat()}) must come after send_at ({send_at.isoformat()})"
+        )
+    if expires_at is not None and not expired_ok and expires_at <= timezone.now():
+        raise ScheduleError(
+            f"expires_at ({expires_at.isoformat()}) has passed: nothing would be delivered"
+        )
+    if recipients is None:
+        raise ScheduleError("send_at and expires_at need recipients (not subscribers, later)")
+    grouped = [m.get_alias() for m in messages if m.group_mark]
+    if grouped:
+        raise ScheduleError(
+            f"send_at and expires_at cannot be given for message type {grouped[0]!r}, which "
+            "has a group_mark (its messages are merged into one already scheduled)"
+        )
 
 
 class ScheduleMessages:
@@ -128,8 +204,13 @@ class ScheduleMessages:
         recipients: Iterable[Recipient] | None = None,
         sender: Any = None,
         priority: int | None = None,
-    ) -> list[tuple[Message, list[Dispatch]]]:
-        return schedule(messages, recipients, sender, priority)
+        *,
+        send_at: datetime | None = None,
+        expires_at: datetime | None = None,
+    ) -> list[MessageTuple]:
+        return schedule(
+            messages, recipients, sender, priority, send_at=send_at, expires_at=expires_at
+        )
 
     def delay(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply_async(args, kwargs)
@@ -145,15 +226,25 @@ schedule_messages = ScheduleMessages()
 
 
 def encode_call(
-    messages: Any, recipients: Any = None, sender: Any = None, priority: int | None = None
+    messages: Any,
+    recipients: Any = None,
+    sender: Any = None,
+    priority: int | None = None,
+    *,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Validates and flattens a schedule_messages() call; raises before anything is published."""
+    """Validates and flattens a schedule_messages() call; raises before anything is published.
+    The window travels as ISO 8601 text (with its UTC offset when aware)."""
     message_objs, recipient_list, _ = checked_call(messages, recipients, sender, priority)
+    check_window(message_objs, recipients, send_at, expires_at)
     return {
         "messages": [m.to_wire() for m in message_objs],
-        "recipients": [r.to_wire() for r in recipient_list],
+        "recipients": None if recipients is None else [r.to_wire() for r in recipient_list],
         "sender": user_pk(sender),
         "priority": priority,
+        "send_at": None if send_at is None else send_at.isoformat(),
+        "expires_at": None if expires_at is None else expires_at.isoformat(),
     }
 
 
@@ -168,7 +259,7 @@ def publish_schedule_request(pk: int, task_id: str, options: dict[str, Any]) -> 
     return True
 
 
-def expand_schedule_request(pk: int) -> list[tuple[Message, list[Dispatch]]]:
+def expand_schedule_request(pk: int) -> list[MessageTuple]:
     """Turns a stored schedule request into its messages and dispatches, and deletes it, in one
     transaction: a request is expanded once, however often its task arrives (deleting is the
     claim: a concurrent expansion deletes nothing and stops). A request that cannot be
@@ -191,15 +282,17 @@ def expand_schedule_request(pk: int) -> list[tuple[Message, list[Dispatch]]]:
     raise ScheduleError(f"schedule request {pk} cannot be expanded ({reason}); see its row")
 
 
-def schedule_encoded(payload: dict[str, Any]) -> list[tuple[Message, list[Dispatch]]]:
+def schedule_encoded(payload: dict[str, Any]) -> list[MessageTuple]:
     """Runs a call that encode_call() flattened (in the worker that received it)."""
     user_model = get_user_model()
-    pks = {r["user"] for r in payload["recipients"] if r["user"] is not None}
+    # None: to the subscribers (prepare_dispatches()).
+    wired = payload["recipients"]
+    pks = {r["user"] for r in wired or [] if r["user"] is not None}
     if payload["sender"] is not None:
         pks.add(payload["sender"])
     users = user_model._default_manager.in_bulk(list(pks))
     recipient_list = []
-    for r in payload["recipients"]:
+    for r in wired or []:
         if r["user"] is not None and r["user"] not in users:
             # Deleted since .delay(): the others still get the message.
             logger.warning(
@@ -211,7 +304,20 @@ def schedule_encoded(payload: dict[str, Any]) -> list[tuple[Message, list[Dispat
     if payload["sender"] is not None and sender is None:
         logger.warning("scheduled without a sender: user %s no longer exists", payload["sender"])
     messages = [MessageBase.from_wire(m) for m in payload["messages"]]
-    return schedule(messages, recipient_list, sender, payload["priority"])
+    # Requests stored before send_at and expires_at existed have neither key.
+    send_at, expires_at = (
+        None if payload.get(key) is None else datetime.fromisoformat(payload[key])
+        for key in ("send_at", "expires_at")
+    )
+    return schedule(
+        messages,
+        None if wired is None else recipient_list,
+        sender,
+        payload["priority"],
+        send_at=send_at,
+        expires_at=expires_at,
+        expired_ok=True,  # the caller's transaction committed long ago: record the expiry
+    )
 
 
 def checked_call(
@@ -227,7 +333,65 @@ def checked_call(
         check_priority(priority, "priority")
     for message in message_objs:
         check_priority(message.priority, f"priority of message type {message.get_alias()!r}")
+        check_supported(type(message), recipient_list)
     return message_objs, recipient_list, [checked_context(m.context, type(m)) for m in message_objs]
+
+
+def prepare_dispatches(limit: int | None = None, priority: int | None = None) -> list[Dispatch]:
+    """Makes the dispatches of the messages scheduled without recipients, to their type's
+    subscribers (MessageBase.prepare_dispatches()); returns them. The sweep runs it, then
+    publishes them with the other due dispatches; cron may run it too (django-sitemessage's
+    name and meaning).
+
+    Each message is claimed by flipping its ``dispatches_ready`` in its own transaction, so two
+    processes running this at once never make a message's dispatches twice, and a message with
+    no subscribers is marked ready rather than scanned again on every run. A subscriber whose
+    address its messenger refuses is left out (logged by id), not the whole message; a message
+    whose type is not registered here is not scanned: it waits for a process that knows it.
+    ``priority``: only messages of that priority (``sitemessage_send_scheduled --priority``)."""
+    types = get_registered_message_types()
+    # Only types known here: waiting messages of other types must not fill every run's limit.
+    waiting = Message.objects.filter(dispatches_ready=False, cls__in=list(types)).order_by("pk")
+    if priority is not None:
+        waiting = waiting.filter(priority=priority)
+    pks = list(waiting.values_list("pk", flat=True)[:limit])
+    subscribers: dict[str, list[Recipient]] = {}
+    created: list[Dispatch] = []
+    for pk in pks:
+        with transaction.atomic():
+            message = Message.objects.select_for_update().filter(pk=pk, dispatches_ready=False)
+            message_model = message.first()
+            if message_model is None:  # another process took it
+                continue
+            message_type = types[message_model.cls]
+            if message_model.cls not in subscribers:
+                subscribers[message_model.cls] = _deliverable(message_type)
+            dispatches = message_type.prepare_dispatches(
+                message_model, subscribers[message_model.cls]
+            )
+            message.update(dispatches_ready=True)
+            created.extend(dispatches)
+    return created
+
+
+def _deliverable(message_type: type[MessageBase]) -> list[Recipient]:
+    """The subscribers of a type that its messengers accept."""
+    result = []
+    for recipient in message_type.get_subscribers():
+        try:
+            check_supported(message_type, [recipient])
+            checked_recipients(recipient)
+        except ScheduleError as exc:
+            user = user_pk(recipient.user)
+            logger.warning(
+                "%s subscriber left out (user %s): %s",
+                message_type.get_alias(),
+                user,
+                type(exc).__name__,
+            )
+            continue
+        result.append(recipient)
+    return result
 
 
 def send_test_message(messenger: str, to: str | None = None) -> Any:
@@ -263,13 +427,35 @@ def get_message_type_for_app(app_name: str, default_message_type_alias: str) -> 
     return get_registered_message_type(alias)
 
 
-def publish_dispatches(rows: Iterable[tuple[int, str]]) -> list[int]:
-    """Publishes stored (dispatch id, messenger alias) pairs again, in batches; returns the ids
+def publish_dispatches(rows: Iterable[tuple[int, str] | tuple[int, str, int]]) -> list[int]:
+    """Publishes stored (dispatch id, messenger alias[, message priority]) rows, in batches per
+    messenger and lane: the urgent lane for a priority of at least SITEMESSAGE_URGENT_PRIORITY
+    (published first), else the normal one, also for a row without a priority. Returns the ids
     it could not publish (the broker is down: they stay pending for the sweep)."""
-    ids_by_messenger: dict[str, list[int]] = defaultdict(list)
-    for pk, alias in rows:
-        ids_by_messenger[alias].append(pk)
-    return broker.enqueue(ids_by_messenger, conf.BATCH_SIZE.get())
+    urgent: dict[str, list[int]] = defaultdict(list)
+    normal: dict[str, list[int]] = defaultdict(list)
+    for pk, alias, *priority in rows:
+        (urgent if priority and is_urgent(priority[0]) else normal)[alias].append(pk)
+    batch_size = conf.BATCH_SIZE.get()
+    unpublished = []
+    if urgent:
+        unpublished += broker.enqueue(urgent, batch_size, urgent=True)
+    if normal:
+        unpublished += broker.enqueue(normal, batch_size)
+    return unpublished
+
+
+def check_publishing() -> None:
+    """Reads the settings publish_dispatches() uses after commit, so that a bad one raises
+    before anything is written rather than leaving stored dispatches unpublished."""
+    conf.BATCH_SIZE.get()
+    conf.URGENT_PRIORITY.get()
+
+
+def is_urgent(priority: int) -> bool:
+    """Whether messages of this priority take their messenger's urgent lane."""
+    threshold = conf.URGENT_PRIORITY.get()
+    return threshold is not None and priority >= threshold
 
 
 def republish_after() -> timedelta:

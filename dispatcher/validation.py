@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth import get_user_model
 
-from messengers.exceptions import InvalidAddressError, InvalidContextError, ScheduleError
+from messengers.base import MessengerBase, Recipient, alias_of
+from messengers.exceptions import (
+    InvalidAddressError,
+    InvalidContextError,
+    ScheduleError,
+    UnsupportedMessengerError,
+)
 from messengers.registry import get_registered_messenger_object
 
 from . import conf
-from .messages import MessageBase
+
+if TYPE_CHECKING:
+    from .messages import MessageBase
 
 #: Highest priority a Message row can store.
 MAX_PRIORITY = 32767
@@ -24,16 +31,49 @@ MAX_PRIORITY = 32767
 MAX_CONTEXT_DEPTH = 50
 
 
-@dataclass(frozen=True)
-class Recipient:
-    """One address of one messenger, and the user it belongs to (if any)."""
+def recipients(
+    messenger: str | type[MessengerBase] | MessengerBase, addresses_or_users: Any
+) -> list[Recipient]:
+    """Builds the recipient list of one messenger from addresses and user objects (through
+    the messenger's structure_recipients_data()), each checked. Lists from several calls can
+    be added together."""
+    messenger_obj = get_registered_messenger_object(messenger)
+    alias = alias_of(messenger_obj)
+    result = []
+    for item in messenger_obj.structure_recipients_data(addresses_or_users):
+        if not isinstance(item, Recipient):
+            raise ScheduleError(
+                f"messenger {alias!r}: structure_recipients_data() must return Recipient "
+                f"objects, got {type(item).__name__}"
+            )
+        user, address = item.user, item.address
+        if user is not None:
+            check_user(user, "recipient")
+        if user is not None and not (isinstance(address, str) and address):
+            raise InvalidAddressError(
+                f"messenger {alias!r}: user {user!r} (pk {user.pk}) has no address for it"
+            )
+        if not isinstance(address, str):
+            raise InvalidAddressError(
+                f"messenger {alias!r}: an address must be a string, got {address!r:.100}"
+            )
+        # The alias it is registered under, which may not be its class's.
+        result.append(Recipient(alias, user, address))
+    for recipient in result:
+        messenger_obj.validate_address(recipient.address)
+    return result
 
-    messenger: str
-    user: Any
-    address: str
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"messenger": self.messenger, "user": user_pk(self.user), "address": self.address}
+def check_supported(message_type: type[MessageBase], recipients: Iterable[Recipient]) -> None:
+    """Raises UnsupportedMessengerError when a recipient's messenger is not among the type's
+    ``supported_messengers`` (an empty list supports every messenger)."""
+    supported = message_type.supported_messengers
+    for recipient in recipients:
+        if supported and recipient.messenger not in supported:
+            raise UnsupportedMessengerError(
+                f"message type {message_type.get_alias()!r} cannot be sent through messenger "
+                f"{recipient.messenger!r}; it supports {', '.join(map(repr, supported))}"
+            )
 
 
 def user_pk(user: Any) -> Any:

@@ -12,11 +12,13 @@ import contextvars
 import re
 import ssl
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from django.conf import settings
+from django.db import models
 
 from .exceptions import DeliveryError, InvalidAddressError, MessengerConfigurationError
 
@@ -35,10 +37,24 @@ CA_FILE_SETTING = "SITEMESSAGE_CA_FILE"
 
 
 @dataclass(frozen=True)
+class Recipient:
+    """One address of one messenger, and the user it belongs to (if any)."""
+
+    messenger: str
+    user: Any
+    address: str
+
+    def to_wire(self) -> dict[str, Any]:
+        user = None if self.user is None else self.user.pk
+        return {"messenger": self.messenger, "user": user, "address": self.address}
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What a messenger decided for one dispatch."""
 
-    #: "deferred" is the pipeline's own: not sent for want of a rate-limit slot, not an attempt.
+    #: "deferred": given back without spending an attempt (no rate-limit slot was free, or
+    #: the messenger called mark_pending()); due again after ``retry_after`` seconds.
     status: Literal["sent", "error", "failed", "deferred"]
     error: BaseException | str | None = None
     provider_id: str = ""
@@ -72,6 +88,9 @@ class MessengerBase:
     #: Attribute of a user object that holds the user's address for this messenger.
     address_attr: str | None = None
 
+    #: Whether users may subscribe to messages through this messenger (the preferences UI).
+    allow_user_subscription: bool = True
+
     #: Delivery rate shared by every worker of this messenger: ``'30/s'``, ``'100/m'``,
     #: ``'1000/h'``; None: no limit. SITEMESSAGE_MESSENGERS can override it per deployment.
     rate_limit: str | None = None
@@ -90,6 +109,23 @@ class MessengerBase:
         if isinstance(recipient, str) or not cls.address_attr:
             return recipient
         return getattr(recipient, cls.address_attr, None)
+
+    @classmethod
+    def structure_recipients_data(cls, recipients: Any) -> list[Recipient]:
+        """Returns one Recipient of this messenger per address or user object in
+        ``recipients`` (one, or an iterable of them), its address from get_address(), checking
+        nothing: ``recipients()`` calls it and then checks what it returns (and gives each the
+        alias the messenger is registered under). Override it to turn what your code passes
+        in into recipients (django-sitemessage's hook)."""
+        items = recipients if is_iterable(recipients) else [recipients]
+        return [
+            Recipient(
+                cls.get_alias(),
+                item if isinstance(item, models.Model) else None,
+                cls.get_address(item),
+            )
+            for item in items
+        ]
 
     @classmethod
     def validate_address(cls, address: str) -> None:
@@ -152,16 +188,33 @@ class MessengerBase:
             else:
                 self.mark_sent(dispatch, provider_id=provider_id)
 
+    @contextmanager
+    def before_after_send_handling(self) -> Iterator[None]:
+        """Runs the block with this messenger warm: before_send() first, unless the messenger
+        is warm already (a worker process warmed it), and after_send() at the end only if this
+        call warmed it, so a worker's open connection stays open. What before_send() or the
+        block raises propagates (django-sitemessage's context manager swallowed it)."""
+        with _lifecycle_lock:
+            was_warm = bool(self.__dict__.get("_sm_warm"))
+            warm_up(self)
+        try:
+            yield
+        finally:
+            if not was_warm:
+                cool_down(self)
+
     def send_test_message(self, to: str, text: str) -> Any:
         """Sends ``text`` to ``to`` right now, in this process. Raises on failure."""
-        self.before_send()
-        try:
+        with self.before_after_send_handling():
             return self._test_message(to, text)
-        finally:
-            self.after_send()
 
     def _test_message(self, to: str, text: str) -> Any:
         raise NotImplementedError(f"{type(self).__name__} cannot send test messages")
+
+    def mark_pending(self, dispatch: Dispatch) -> None:
+        """Gives a dispatch back undelivered without spending one of its attempts: it is due
+        again at once, and the next sweep publishes it (django-sitemessage kept it pending)."""
+        record_outcome(dispatch, Outcome("deferred", retry_after=0))
 
     def mark_sent(self, dispatch: Dispatch, *, provider_id: str = "") -> None:
         """Records a delivered dispatch; ``provider_id`` is the provider's id for it."""
@@ -199,6 +252,12 @@ def seconds_per_send(rate: str) -> float:
     if not match or float(match[1]) <= 0:
         raise ValueError(f"rate limit {rate!r} is not of the form '<positive number>/<s|m|h>'")
     return _PER[match[2]] / float(match[1])
+
+
+def is_iterable(value: Any) -> bool:
+    """Tells whether ``value`` holds several items: iterable and not a string
+    (django-sitemessage's helper)."""
+    return hasattr(value, "__iter__") and not isinstance(value, str)
 
 
 def _retry_after(error: object) -> float | None:

@@ -11,6 +11,11 @@ Hierarchy (django-sitemessage 1.4's names and nesting, ours inside them)::
      |         |    |                        HTTP 429/5xx
      |         |    +-- MessengerWarmupException  before_send() could not connect or log in
      |         +-- PermanentDeliveryError    retrying cannot help: SMTP 5xx for a recipient, HTTP 4xx
+     |         +-- TelegramMessengerException   what the Telegram, Facebook and VKontakte
+     |         +-- FacebookMessengerException   messengers raise (upstream's names); each has a
+     |         +-- VKontakteMessengerException  Temporary and a Permanent subclass, e.g.
+     |                                          TelegramTemporaryError(TelegramMessengerException,
+     |                                          TemporaryDeliveryError)
      +-- ScheduleError                  bad input to schedule_messages()/recipients(); nothing written
           +-- UnknownMessengerError     an alias that is not registered (also a MessengerException
           |                             and a LookupError)
@@ -88,6 +93,10 @@ class InvalidContextError(ScheduleError):
     """A message context that cannot be stored as JSON."""
 
 
+class UnsupportedMessengerError(ScheduleError):
+    """A message type scheduled through a messenger not in its ``supported_messengers``."""
+
+
 class DeliveryError(MessengerException):
     """A messenger failed to deliver; says which messenger, which dispatch and what the
     provider answered."""
@@ -138,6 +147,45 @@ class PermanentDeliveryError(DeliveryError):
     """Delivery failed for good: the dispatch is marked failed at once."""
 
     temporary = False
+
+
+class TelegramMessengerException(DeliveryError):
+    """The Telegram Bot API refused a request or could not be reached (django-sitemessage's
+    name); raised as TelegramTemporaryError or TelegramPermanentError."""
+
+
+class TelegramTemporaryError(TelegramMessengerException, TemporaryDeliveryError):
+    """A Telegram error worth retrying: unreachable, rate limited (429), server errors."""
+
+
+class TelegramPermanentError(TelegramMessengerException, PermanentDeliveryError):
+    """A Telegram error retrying cannot help: an unknown chat, a bot the user blocked."""
+
+
+class FacebookMessengerException(DeliveryError):
+    """The Graph API refused a request or could not be reached (django-sitemessage's name);
+    raised as FacebookTemporaryError or FacebookPermanentError."""
+
+
+class FacebookTemporaryError(FacebookMessengerException, TemporaryDeliveryError):
+    """A Graph API error worth retrying: unreachable, throttled, transient or server errors."""
+
+
+class FacebookPermanentError(FacebookMessengerException, PermanentDeliveryError):
+    """A Graph API error retrying cannot help: a bad token, a missing permission."""
+
+
+class VKontakteMessengerException(DeliveryError):
+    """The VK API refused a request or could not be reached (django-sitemessage's name);
+    raised as VKontakteTemporaryError or VKontaktePermanentError."""
+
+
+class VKontakteTemporaryError(VKontakteMessengerException, TemporaryDeliveryError):
+    """A VK API error worth retrying: unreachable, rate limited, internal errors."""
+
+
+class VKontaktePermanentError(VKontakteMessengerException, PermanentDeliveryError):
+    """A VK API error retrying cannot help: a bad token, a closed wall."""
 
 
 class MessengerConfigurationError(ImproperlyConfigured):

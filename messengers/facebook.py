@@ -25,10 +25,10 @@ except ModuleNotFoundError as exc:  # an optional dependency: name the extra tha
 
 from .exceptions import (
     DeliveryError,
+    FacebookPermanentError,
+    FacebookTemporaryError,
     InvalidAddressError,
     MessengerConfigurationError,
-    PermanentDeliveryError,
-    TemporaryDeliveryError,
 )
 from .http import HTTPMessenger, Proxy, proxies
 
@@ -126,8 +126,8 @@ class FacebookMessenger(HTTPMessenger):
         access tokens of every Page that user manages, indexed by Page name (a name that repeats
         keeps its last Page). Tokens of Pages got from a long-lived user token do not expire.
 
-        Raises TemporaryDeliveryError when the API cannot be reached or asks to retry, and
-        PermanentDeliveryError when it refuses (a wrong app secret, an expired user token)."""
+        Raises FacebookTemporaryError when the API cannot be reached or asks to retry, and
+        FacebookPermanentError when it refuses (a wrong app secret, an expired user token)."""
         remember(app_secret, user_token)
         exchange = self._get(
             "oauth/access_token",
@@ -140,7 +140,7 @@ class FacebookMessenger(HTTPMessenger):
         )
         long_lived = exchange.get("access_token")
         if not isinstance(long_lived, str) or not long_lived:
-            raise PermanentDeliveryError(
+            raise FacebookPermanentError(
                 "Graph API exchanged the user token but returned no access_token", alias=self.alias
             )
         remember(long_lived)
@@ -170,7 +170,7 @@ class FacebookMessenger(HTTPMessenger):
             return page_id, token
         if address in self._tokens:
             return address, self._tokens[address]
-        raise PermanentDeliveryError(
+        raise FacebookPermanentError(
             f"no page access token for Page {address!r}; configured Pages: "
             f"{', '.join(sorted(self._tokens))}",
             alias=self.alias,
@@ -178,8 +178,8 @@ class FacebookMessenger(HTTPMessenger):
         )
 
     def deliver(self, address: str, text: str, dispatch_id: int | None) -> str:
-        """Publishes one post; returns its id. Raises a Temporary- or PermanentDeliveryError
-        whose text holds no token."""
+        """Publishes one post; returns its id. Raises a FacebookTemporaryError or
+        FacebookPermanentError whose text holds no token."""
         node, token = self._target(address, dispatch_id)
         # Facebook drops surrounding whitespace (templates end with a newline) anyway.
         text = text.strip()
@@ -214,7 +214,7 @@ class FacebookMessenger(HTTPMessenger):
             failure = f"{type(exc).__name__}: {scrub(str(exc))}"
         # Raised outside the except block, so that neither __cause__ nor __context__ holds the
         # original exception, whose request carries the token.
-        raise TemporaryDeliveryError(
+        raise FacebookTemporaryError(
             f"cannot reach the Graph API at {self.base_url}: {failure}",
             alias=self.alias,
             dispatch_id=dispatch_id,
@@ -240,20 +240,20 @@ class FacebookMessenger(HTTPMessenger):
             "response": code if code is not None else status,
         }
         if code in RATE_LIMIT_CODES or status == 429:
-            return TemporaryDeliveryError(
+            return FacebookTemporaryError(
                 f"Graph API rate limit reached: {reason}",
                 retry_after=regain_after(response),
                 **where,
             )
         if code in TEMPORARY_CODES or error.get("is_transient") is True or status >= 500:
-            return TemporaryDeliveryError(f"Graph API temporary error: {reason}", **where)
+            return FacebookTemporaryError(f"Graph API temporary error: {reason}", **where)
         if response.ok and code is None:
             # A success status without an id may mean the post exists: retrying could repeat it.
-            return PermanentDeliveryError(
+            return FacebookPermanentError(
                 f"Graph API accepted {what} but returned no id (HTTP {status}); not retried",
                 **where,
             )
-        return PermanentDeliveryError(f"Graph API refused {what}: {reason}", **where)
+        return FacebookPermanentError(f"Graph API refused {what}: {reason}", **where)
 
 
 def regain_after(response: requests.Response) -> float | None:

@@ -1,15 +1,21 @@
 """HTTPMessenger: what the messengers that call an HTTP API with requests share (Telegram,
 Facebook, VKontakte): one keep-alive session per worker process, opened by ``before_send()``
 (or the first send) and closed by ``after_send()``, verifying TLS with SITEMESSAGE_CA_FILE's
-CAs too, through an optional proxy; each dispatch is one ``deliver()`` call."""
+CAs too, through an optional proxy; each dispatch is one ``deliver()`` call. ``get()`` and
+``post()`` call an API through that session, for messengers of your own."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from .base import MessengerBase, use_tls_context
-from .exceptions import MessengerConfigurationError
+from .exceptions import (
+    MessengerConfigurationError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
 
 if TYPE_CHECKING:
     import requests
@@ -27,6 +33,8 @@ class HTTPMessenger(MessengerBase):
     ``deliver(address, text, dispatch_id)``; the empty address is theirs to allow."""
 
     proxy: Proxy = None
+    #: Seconds a request may take (connecting, then each read); subclasses take it as an option.
+    timeout: float = 10
     _session: requests.Session | None = None
 
     def before_send(self) -> None:
@@ -53,6 +61,48 @@ class HTTPMessenger(MessengerBase):
         """Sends one message; returns the provider's id for it. Raises a Temporary- or
         PermanentDeliveryError (their texts never hold a credential)."""
         raise NotImplementedError
+
+    def get(self, url: str, json: bool = True) -> Any:
+        """GETs ``url`` through this messenger's session (its proxy, TLS and ``timeout``);
+        returns the answer's JSON, or its text when ``json`` is False, whatever its status:
+        an API's error bodies are the caller's to read (django-sitemessage's helper).
+
+        Raises TemporaryDeliveryError when the server cannot be reached or answers 429/5xx
+        without JSON, PermanentDeliveryError for another answer without JSON."""
+        return self._fetch("GET", url, None, json)
+
+    def post(self, url: str, data: dict[str, Any]) -> Any:
+        """POSTs ``data`` (form-encoded) to ``url``; returns the answer's JSON. Raises as
+        get() does."""
+        return self._fetch("POST", url, data, True)
+
+    def _fetch(self, method: str, url: str, data: dict[str, Any] | None, json: bool) -> Any:
+        import requests
+
+        session = self._ensure_session()
+        # Errors name the host only: an API's URL may hold a token (Telegram's does).
+        host = urlsplit(url).hostname
+        try:
+            response = session.request(method, url, data=data, timeout=self.timeout)
+        except requests.RequestException as exc:
+            failure = type(exc).__name__
+        else:
+            if not json:
+                return response.text
+            try:
+                return response.json()
+            except ValueError:
+                status = response.status_code
+                error = (
+                    TemporaryDeliveryError
+                    if status == 429 or status >= 500
+                    else PermanentDeliveryError
+                )
+                raise error(
+                    f"{host} answered HTTP {status} without JSON", alias=self.alias, response=status
+                ) from None
+        # Raised outside the except block: the original exception's text holds the URL.
+        raise TemporaryDeliveryError(f"cannot reach {host}: {failure}", alias=self.alias)
 
     def _ensure_session(self) -> requests.Session:
         if self._session is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import smtplib
 import ssl
-from email.utils import make_msgid
+from email.utils import make_msgid, parseaddr
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -27,7 +27,14 @@ DEFAULT_TIMEOUT = 10.0
 
 class SMTPMessenger(MessengerBase):
     """Sends e-mail over SMTP. Every argument left as None falls back to Django's matching
-    ``EMAIL_*`` setting (``DEFAULT_FROM_EMAIL`` for ``from_email``), read when connecting."""
+    ``EMAIL_*`` setting (``DEFAULT_FROM_EMAIL`` for ``from_email``), read when connecting.
+    ``debug=True`` has smtplib print the SMTP conversation to stderr (addresses included; the
+    login exchange is left out, as it would show the password).
+
+    A message type with a ``build_email(message_model, dispatch, defaults)`` classmethod (the
+    EMAIL_BACKEND's ``email_django``) builds the whole e-mail itself; the messenger only sends
+    it to the dispatch's address. A dispatch with a non-empty ``unsubscribe_url`` gets the
+    RFC 8058 List-Unsubscribe headers."""
 
     alias = "smtp"
     title = "E-mail"
@@ -42,9 +49,12 @@ class SMTPMessenger(MessengerBase):
         port: int | None = None,
         use_tls: bool | None = None,
         use_ssl: bool | None = None,
+        debug: bool = False,
         timeout: float | None = None,
         allow_plaintext_login: bool = False,
     ) -> None:
+        #: Print the SMTP conversation (smtplib's debug level 1) to stderr.
+        self.debug = debug
         #: Send the login to a server without TLS that is not on loopback (off: refused).
         self.allow_plaintext_login = allow_plaintext_login
         self._options = {
@@ -84,6 +94,12 @@ class SMTPMessenger(MessengerBase):
                 f"messenger 'smtp': {address!r} is not a valid e-mail address"
             ) from None
 
+    @property
+    def smtp(self) -> smtplib.SMTP | None:
+        """The open SMTP connection (smtplib's), or None while there is none
+        (django-sitemessage's attribute)."""
+        return self._conn
+
     def before_send(self) -> None:
         self._ensure_connection()
 
@@ -111,7 +127,7 @@ class SMTPMessenger(MessengerBase):
                 if self._conn is None:  # the connection died: reconnect for the next dispatch
                     self._ensure_connection()
             else:
-                self.mark_sent(dispatch, provider_id=email.extra_headers["Message-ID"])
+                self.mark_sent(dispatch, provider_id=_header(email, "Message-ID"))
 
     def _test_message(self, to: str, text: str) -> str:
         email = EmailMessage("Test message from sitemessage", text, self._opt("from_email"), [to])
@@ -123,18 +139,23 @@ class SMTPMessenger(MessengerBase):
     def _build(
         self, message_cls: type[MessageBase], message_model: Message, dispatch: Dispatch
     ) -> EmailMessage:
-        context = message_model.context or {}
-        email = EmailMessage(
-            subject=str(context.get("subject") or ""),
-            body=dispatch.message_cache,
-            from_email=self._opt("from_email"),
-            to=[dispatch.address],
-            headers={
-                # Stable per dispatch: a receiver can drop the duplicate of a redelivered batch.
-                "Message-ID": f"<sitemessage.{message_model.pk}.{dispatch.pk}@{self._domain()}>"
-            },
-        )
-        email.content_subtype = getattr(message_cls, "content_subtype", "plain")
+        # Stable per dispatch: a receiver can drop the duplicate of a redelivered batch.
+        message_id = f"<sitemessage.{message_model.pk}.{dispatch.pk}@{self._domain()}>"
+        build_email = getattr(message_cls, "build_email", None)
+        if build_email is not None:
+            defaults = {"from_email": str(self._opt("from_email")), "message_id": message_id}
+            email: EmailMessage = build_email(message_model, dispatch, defaults)
+        else:
+            context = message_model.context or {}
+            email = EmailMessage(
+                subject=str(context.get("subject") or ""),
+                body=dispatch.message_cache,
+                from_email=self._opt("from_email"),
+                to=[dispatch.address],
+                headers={"Message-ID": message_id},
+            )
+            email.content_subtype = getattr(message_cls, "content_subtype", "plain")
+        _add_list_unsubscribe(email, getattr(dispatch, "unsubscribe_url", None))
         return email
 
     def _domain(self) -> str:
@@ -147,7 +168,9 @@ class SMTPMessenger(MessengerBase):
         the session when it stopped inside a transaction, so the next e-mail starts clean)."""
         assert self._conn is not None
         try:
-            sender, envelope_to = ascii_address(email.from_email), ascii_address(to)
+            # The envelope sender is the bare address of From ("Shop <shop@example.com>").
+            sender = ascii_address(parseaddr(email.from_email)[1] or email.from_email)
+            envelope_to = ascii_address(to)
             data = email.message().as_bytes(linesep="\r\n")
         except ValueError as exc:  # UnicodeError included
             raise PermanentDeliveryError(
@@ -216,10 +239,13 @@ class SMTPMessenger(MessengerBase):
                 f"cannot connect to SMTP server {host}:{port}: {exc!r}", alias=self.alias
             ) from exc
         try:
+            conn.set_debuglevel(1 if self.debug else 0)
             if self._opt("use_tls") and not self._opt("use_ssl"):
                 conn.starttls(context=context)
             if self._opt("login"):
+                conn.set_debuglevel(0)  # the AUTH exchange shows the password (base64)
                 conn.login(self._opt("login"), self._opt("password") or "")
+                conn.set_debuglevel(1 if self.debug else 0)
         except smtplib.SMTPAuthenticationError as exc:
             conn.close()
             raise TemporaryDeliveryError(
@@ -246,6 +272,23 @@ class SMTPMessenger(MessengerBase):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def _header(email: EmailMessage, name: str) -> str:
+    """An extra header of the e-mail, whatever the case of its name ('' when absent)."""
+    lowered = name.lower()
+    return next((str(v) for k, v in email.extra_headers.items() if k.lower() == lowered), "")
+
+
+def _add_list_unsubscribe(email: EmailMessage, url: Any) -> None:
+    """Adds the RFC 8058 one-click unsubscribe headers for ``url`` (a non-empty string),
+    unless the e-mail has its own List-Unsubscribe. The POST header only goes with an https
+    URL, which RFC 8058 requires of one-click unsubscribing."""
+    if not (isinstance(url, str) and url) or _header(email, "List-Unsubscribe"):
+        return
+    email.extra_headers["List-Unsubscribe"] = f"<{url}>"
+    if url.startswith("https://"):
+        email.extra_headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
 
 
 def _is_loopback(host: str) -> bool:

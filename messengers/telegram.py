@@ -1,5 +1,5 @@
 """TelegramMessenger: Bot API ``sendMessage`` over one keep-alive ``requests.Session`` per
-worker process.
+worker process, and ``getUpdates`` to find the chats that started the bot.
 
 The bot token is part of every Bot API URL (``/bot<token>/sendMessage``), so it would leak
 into anything that prints a URL: requests' exception texts and urllib3's debug and retry log
@@ -22,10 +22,10 @@ except ModuleNotFoundError as exc:  # an optional dependency: name the extra tha
     ) from exc
 
 from .exceptions import (
-    DeliveryError,
     InvalidAddressError,
-    PermanentDeliveryError,
-    TemporaryDeliveryError,
+    TelegramMessengerException,
+    TelegramPermanentError,
+    TelegramTemporaryError,
 )
 from .http import HTTPMessenger
 
@@ -35,6 +35,9 @@ DEFAULT_BASE_URL = "https://api.telegram.org"
 _ADDRESS = re.compile(r"-?\d{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31}")
 #: A bot token as Telegram issues them, in a Bot API URL path.
 _TOKEN_IN_PATH = re.compile(r"/bot\d+:[^/\s'\"]+")
+#: The text of a /start command: bare, addressed to the bot in a group (``/start@name_bot``),
+#: or with a deep-link payload (``/start <payload>``).
+_START = re.compile(r"/start(@\w+)?(\s.*)?", re.DOTALL)
 #: Tokens of the messengers of this process, scrubbed whatever their shape.
 _tokens: set[str] = set()
 
@@ -94,44 +97,75 @@ class TelegramMessenger(HTTPMessenger):
             )
 
     def deliver(self, chat: str, text: str, dispatch_id: int | None) -> str:
-        """Sends one message; returns its message_id. Raises a Temporary- or
-        PermanentDeliveryError whose text holds no token."""
-        session = self._ensure_session()
+        """Sends one message; returns its message_id. Raises a TelegramTemporaryError or
+        TelegramPermanentError whose text holds no token."""
         chat_id: int | str = int(chat) if chat.lstrip("-").isdigit() else chat
+        # Telegram drops surrounding whitespace (templates end with a newline) anyway.
+        payload = {"chat_id": chat_id, "text": text.strip()}
+        response = self._call("sendMessage", payload, dispatch_id)
+        return self._result(response, dispatch_id)
+
+    def get_updates(self, offset: int | None = None) -> list[dict[str, Any]]:
+        """Returns the updates (messages to the bot, and other events) the Bot API holds for
+        this bot, oldest first, without waiting for new ones (``getUpdates``). Telegram keeps an
+        update for 24 hours, or until a call with an ``offset`` above its ``update_id``
+        confirms it and those before it.
+
+        Raises TelegramTemporaryError when the API cannot be reached, and
+        TelegramPermanentError when it refuses (a bad token; a webhook is set: 409 Conflict)."""
+        with self.before_after_send_handling():
+            response = self._call("getUpdates", {} if offset is None else {"offset": offset}, None)
+        body = _body(response)
+        updates = body.get("result")
+        if body.get("ok") is True and isinstance(updates, list):
+            return updates
+        raise self._error(response, body, None, "getUpdates")
+
+    def get_chat_ids(self) -> list[int]:
+        """Returns the ids of the chats whose users sent the bot ``/start`` (see
+        get_updates()), each once, in the order they first did: the addresses to send them
+        messages at. Raises as get_updates() does."""
+        chat_ids: dict[int, None] = {}
+        for update in self.get_updates():
+            message = update.get("message") or {}
+            if _START.fullmatch(str(message.get("text", ""))):
+                chat_ids.setdefault(message["chat"]["id"], None)
+        return list(chat_ids)
+
+    def _call(
+        self, method: str, payload: dict[str, Any], dispatch_id: int | None
+    ) -> requests.Response:
+        """POSTs a Bot API method; raises TelegramTemporaryError (without the token) when the
+        API cannot be reached."""
+        session = self._ensure_session()
         try:
-            response = session.post(
-                f"{self.base_url}/bot{self._token}/sendMessage",
-                # Telegram drops surrounding whitespace (templates end with a newline) anyway.
-                json={"chat_id": chat_id, "text": text.strip()},
-                timeout=self.timeout,
+            return session.post(
+                f"{self.base_url}/bot{self._token}/{method}", json=payload, timeout=self.timeout
             )
         except requests.RequestException as exc:
             failure = f"{type(exc).__name__}: {scrub(str(exc))}"
-        else:
-            return self._result(response, dispatch_id)
         # Raised outside the except block, so that neither __cause__ nor __context__ holds the
         # original exception, whose text and request carry the URL with the token.
-        raise TemporaryDeliveryError(
+        raise TelegramTemporaryError(
             f"cannot reach the Telegram Bot API at {self.base_url}: {failure}",
             alias=self.alias,
             dispatch_id=dispatch_id,
         )
 
     def _result(self, response: requests.Response, dispatch_id: int | None) -> str:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            body = {}
+        body = _body(response)
         result = body.get("result")
         if body.get("ok") is True and isinstance(result, dict) and "message_id" in result:
             return str(result["message_id"])
-        raise self._error(response, body, dispatch_id)
+        raise self._error(response, body, dispatch_id, "the message")
 
     def _error(
-        self, response: requests.Response, body: dict[str, Any], dispatch_id: int | None
-    ) -> DeliveryError:
+        self,
+        response: requests.Response,
+        body: dict[str, Any],
+        dispatch_id: int | None,
+        what: str,
+    ) -> TelegramMessengerException:
         status = response.status_code
         error_code = body.get("error_code")
         code = error_code if isinstance(error_code, int) else status
@@ -143,17 +177,26 @@ class TelegramMessenger(HTTPMessenger):
             wait = parameters.get("retry_after") if isinstance(parameters, dict) else None
             if wait is None:
                 wait = _header_seconds(response, "Retry-After")
-            return TemporaryDeliveryError(
+            return TelegramTemporaryError(
                 f"Telegram Bot API rate limit reached: {reason}",
                 retry_after=float(wait) if wait is not None else None,
                 **where,
             )
         if max(code, status) >= 500:
-            return TemporaryDeliveryError(f"Telegram Bot API server error: {reason}", **where)
+            return TelegramTemporaryError(f"Telegram Bot API server error: {reason}", **where)
         if response.ok:
             # A success status without a message may mean it was sent: retrying could repeat it.
-            reason = f"HTTP {status} without a message_id"
-        return PermanentDeliveryError(f"Telegram Bot API refused the message: {reason}", **where)
+            reason = f"HTTP {status} without the expected result"
+        return TelegramPermanentError(f"Telegram Bot API refused {what}: {reason}", **where)
+
+
+def _body(response: requests.Response) -> dict[str, Any]:
+    """The JSON object a Bot API response holds ({} for anything else)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _header_seconds(response: requests.Response, name: str) -> float | None:

@@ -27,8 +27,8 @@ from .exceptions import (
     DeliveryError,
     InvalidAddressError,
     MessengerConfigurationError,
-    PermanentDeliveryError,
-    TemporaryDeliveryError,
+    VKontaktePermanentError,
+    VKontakteTemporaryError,
 )
 from .http import HTTPMessenger, Proxy, proxies
 
@@ -119,7 +119,7 @@ class VKontakteMessenger(HTTPMessenger):
 
     def deliver(self, owner_id: str, text: str, dispatch_id: int | None) -> str:
         """Publishes one wall post; returns ``<owner_id>_<post_id>`` (or the post id on the
-        token owner's wall). Raises a Temporary- or PermanentDeliveryError."""
+        token owner's wall). Raises a VKontakteTemporaryError or VKontaktePermanentError."""
         text = text.strip()
         data = {
             "attachments" if _LINK.fullmatch(text) else "message": text,
@@ -142,7 +142,7 @@ class VKontakteMessenger(HTTPMessenger):
         else:
             return self._result(response, owner_id, dispatch_id)
         # Raised outside the except block: the original exception's request holds the token.
-        raise TemporaryDeliveryError(
+        raise VKontakteTemporaryError(
             f"cannot reach the VK API at {self.base_url}: {failure}",
             alias=self.alias,
             dispatch_id=dispatch_id,
@@ -174,18 +174,18 @@ class VKontakteMessenger(HTTPMessenger):
         }
         if code in RATE_LIMIT_CODES or status == 429:
             wait = PER_SECOND_WAIT if code == 6 else _header_seconds(response, "Retry-After")
-            return TemporaryDeliveryError(
+            return VKontakteTemporaryError(
                 f"VK API rate limit reached: {reason}", retry_after=wait, **where
             )
         if code in TEMPORARY_CODES or status >= 500:
-            return TemporaryDeliveryError(f"VK API temporary error: {reason}", **where)
+            return VKontakteTemporaryError(f"VK API temporary error: {reason}", **where)
         if code is None and response.ok:
             # A success status without a post id may mean the post exists: retrying could
             # repeat it.
-            return PermanentDeliveryError(
+            return VKontaktePermanentError(
                 f"VK API answered HTTP {status} without a post_id; not retried", **where
             )
-        return PermanentDeliveryError(f"VK API refused the post: {reason}", **where)
+        return VKontaktePermanentError(f"VK API refused the post: {reason}", **where)
 
 
 def _dict(value: Any) -> dict[str, Any]:

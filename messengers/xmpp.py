@@ -115,6 +115,16 @@ class XMPPSleekMessenger(MessengerBase):
                 f"messenger {cls.get_alias()!r}: {address!r} is not a user JID (user@domain)"
             )
 
+    @property
+    def xmpp(self) -> ClientXMPP | None:
+        """The logged-in slixmpp client, or None while there is none (django-sitemessage's
+        attribute, a sleekxmpp client there). It runs on this messenger's event loop thread:
+        hand it coroutines with ``asyncio.run_coroutine_threadsafe(..., client.loop)``."""
+        session = self._session
+        if session is None or not session.alive or not self._owns_loop():
+            return None
+        return session.client
+
     def before_send(self) -> None:
         with self._lock:
             self._connect()

@@ -70,10 +70,11 @@ case "${CELERY_BROKER_URL:-redis://127.0.0.1:6379/0}" in
   redis://127.0.0.1:6379*|redis://localhost:6379*) scripts/services.sh start redis ;;
 esac
 prepare
-queues=$($BIN/python manage.py shell -v 0 -c "
+# Per messenger: its queue and its urgent lane, "messenger.smtp,messenger.smtp.urgent".
+lanes=$($BIN/python manage.py shell -v 0 -c "
 from messengers.registry import get_registered_messenger_objects
 from workers.queues import queue_for
-print(' '.join(queue_for(a) for a in get_registered_messenger_objects()))
+print(' '.join(f'{queue_for(a)},{queue_for(a, urgent=True)}' for a in get_registered_messenger_objects()))
 ")
 
 start() {  # name command...
@@ -82,8 +83,9 @@ start() {  # name command...
 }
 start smtp-sink $BIN/python -m aiosmtpd -n -l "127.0.0.1:$EMAIL_PORT" -c aiosmtpd.handlers.Mailbox "$VAR/mail"
 start worker-default $BIN/celery -A workers worker -Q sitemessage -n default@%h -c 1 -l INFO
-for queue in $queues; do
-  start "worker-$queue" $BIN/celery -A workers worker -Q "$queue" -n "$queue@%h" -c 2 -l INFO
+for both in $lanes; do
+  queue=${both%%,*}
+  start "worker-$queue" $BIN/celery -A workers worker -Q "$both" -n "$queue@%h" -c 2 -l INFO
 done
 start beat $BIN/celery -A workers beat -s "$VAR/celerybeat-schedule" -l INFO
 start flower scripts/flower.sh "$FLOWER_PORT"
@@ -94,7 +96,7 @@ cat <<MSG
 sitemessage is running (logs in $VAR/log/, Ctrl-C stops everything):
   admin       http://127.0.0.1:$WEB_PORT/admin/  (user admin, password in $VAR/admin-password)
   Flower      http://127.0.0.1:$FLOWER_PORT/  (user admin, password in $VAR/flower-credentials)
-  workers     sitemessage (schedule, sweep) and one per messenger queue: $queues
+  workers     sitemessage (schedule, sweep) and one per messenger, with its urgent lane: $lanes
   e-mail      the smtp messenger delivers to a local SMTP sink on 127.0.0.1:$EMAIL_PORT;
               every message lands as a file in $VAR/mail/new/
   try it      $try_env $BIN/python manage.py shell -v 0 -c "from sitemessage.toolbox import schedule_messages, recipients; schedule_messages('Hello', recipients('smtp', ['you@example.com']))"

@@ -3,7 +3,7 @@
 # (apt) and starting whatever is missing. Services it starts are listed in var/started-services
 # so that `scripts/services.sh stop` stops exactly those and nothing that was already running.
 #
-#   scripts/services.sh start redis postgres rabbitmq prosody
+#   scripts/services.sh start redis postgres rabbitmq prosody chromium
 #   scripts/services.sh stop
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +65,11 @@ start_prosody() {  # only the binaries: each test starts its own throw-away pros
   if [ -n "$APT_UPDATED" ] && pgrep -x prosody >/dev/null && [ -f /run/prosody/prosody.pid ]; then
     prosodyctl stop >/dev/null 2>&1 || true
   fi
+}
+
+start_chromium() {  # only the binary: each browser test (tests/browser.py) launches its own
+  [ -x /usr/bin/chromium ] && return 0
+  apt_install chromium || say "chromium could not be installed: the browser tests will be skipped"
 }
 
 stop_all() {

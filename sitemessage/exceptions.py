@@ -13,6 +13,7 @@ from messengers.exceptions import (
     TemporaryDeliveryError,
     UnknownMessageTypeError,
     UnknownMessengerError,
+    UnsupportedMessengerError,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "TemporaryDeliveryError",
     "UnknownMessageTypeError",
     "UnknownMessengerError",
+    "UnsupportedMessengerError",
 ]

@@ -1,5 +1,12 @@
 """Import-compatible facade: django-sitemessage's ``sitemessage.models``. Re-exports only."""
 
-from dispatcher.models import Dispatch, DispatchError, Message, Subscription
+from dispatcher.models import (
+    USER_MODEL,
+    Dispatch,
+    DispatchError,
+    Message,
+    MessageTuple,
+    Subscription,
+)
 
-__all__ = ["Dispatch", "DispatchError", "Message", "Subscription"]
+__all__ = ["USER_MODEL", "Dispatch", "DispatchError", "Message", "MessageTuple", "Subscription"]

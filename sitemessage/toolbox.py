@@ -1,3 +1,4 @@
+from dispatcher.hints import TypeMessages
 from dispatcher.messages import (
     get_registered_message_type,
     get_registered_message_types,
@@ -5,16 +6,19 @@ from dispatcher.messages import (
     register_message_types,
 )
 from dispatcher.operations import check_undelivered, cleanup_sent_messages, send_scheduled_messages
+from dispatcher.preferences import get_user_preferences_for_ui, set_user_preferences_from_request
 from dispatcher.toolbox import (
     _ALIAS_SEP,
     _PREF_POST_KEY,
     Recipient,
     get_message_type_for_app,
     override_message_type_for_app,
+    prepare_dispatches,
     recipients,
     schedule_messages,
     send_test_message,
 )
+from dispatcher.views import get_sitemessage_urls
 from messengers.registry import (
     get_registered_messenger_object,
     get_registered_messenger_objects,
@@ -25,6 +29,7 @@ __all__ = [
     "_ALIAS_SEP",
     "_PREF_POST_KEY",
     "Recipient",
+    "TypeMessages",
     "check_undelivered",
     "cleanup_sent_messages",
     "get_message_type_for_app",
@@ -32,7 +37,10 @@ __all__ = [
     "get_registered_message_types",
     "get_registered_messenger_object",
     "get_registered_messenger_objects",
+    "get_sitemessage_urls",
+    "get_user_preferences_for_ui",
     "override_message_type_for_app",
+    "prepare_dispatches",
     "recipients",
     "register_builtin_message_types",
     "register_message_types",
@@ -40,4 +48,5 @@ __all__ = [
     "schedule_messages",
     "send_scheduled_messages",
     "send_test_message",
+    "set_user_preferences_from_request",
 ]

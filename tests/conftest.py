@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from dispatcher import messages
+from dispatcher import types
 from messengers import registry
 from tests.support import ROOT, SMTPServer, SMTPSink, WorkerProcess, purge, worker_env
 from workers import broker
 
-pytest_plugins = ["tests.fake_apis"]  # the local X and Telegram API servers
+pytest_plugins = ["tests.fake_apis", "tests.browser"]  # the local X and Telegram API servers
 logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP command
 
 
@@ -56,7 +56,9 @@ def no_publish(monkeypatch) -> list[dict[str, list[int]]]:
     been, one dict (messenger alias -> dispatch ids) per call."""
     published: list[dict[str, list[int]]] = []
 
-    def enqueue(ids_by_messenger: dict[str, list[int]], batch_size: int) -> list[int]:
+    def enqueue(
+        ids_by_messenger: dict[str, list[int]], batch_size: int, urgent: bool = False
+    ) -> list[int]:
         if ids_by_messenger:
             published.append({alias: list(ids) for alias, ids in ids_by_messenger.items()})
         return []
@@ -69,14 +71,14 @@ def no_publish(monkeypatch) -> list[dict[str, list[int]]]:
 def registries() -> Iterator[None]:
     """Restores the messenger and message type registries after a test that registers its own."""
     saved_messengers = dict(registry._registry)
-    saved_types = dict(messages._message_types)
+    saved_types = dict(types._message_types)
     try:
         yield
     finally:
         registry._registry.clear()
         registry._registry.update(saved_messengers)
-        messages._message_types.clear()
-        messages._message_types.update(saved_types)
+        types._message_types.clear()
+        types._message_types.update(saved_types)
 
 
 def launch(

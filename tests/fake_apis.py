@@ -359,7 +359,8 @@ def _tg_error(code: int, description: str, **extra: Any) -> Reply:
 
 
 class FakeTelegram(FakeAPI):
-    """``/bot<token>/sendMessage`` (and ``getMe``), as api.telegram.org serves them."""
+    """``/bot<token>/sendMessage``, ``getUpdates`` (and ``getMe``), as api.telegram.org serves
+    them. ``receive()`` plays a user writing to the bot."""
 
     token = "7012345678:AAFakeTokenForTestsOnly_abcdefghijkl"
     bot = {
@@ -379,6 +380,11 @@ class FakeTelegram(FakeAPI):
         #: The retry_after of a 429.
         self.retry_after = 30
         self._next_id: dict[str, int] = {}
+        #: Updates not confirmed yet (getUpdates), oldest first.
+        self.updates: list[dict[str, Any]] = []
+        #: A webhook is set: getUpdates answers 409 Conflict.
+        self.webhook = False
+        self._next_update = 512_000_001
 
     def options(self) -> dict[str, Any]:
         """Options of a TelegramMessenger that this server accepts."""
@@ -411,6 +417,8 @@ class FakeTelegram(FakeAPI):
         api_method = match[2].lower()  # Bot API method names are case-insensitive
         if api_method == "getme":
             return 200, {}, {"ok": True, "result": self.bot}
+        if api_method == "getupdates":
+            return self._get_updates(params)
         if api_method != "sendmessage":
             return _tg_error(404, "Not Found")
         return self._send_message(params)
@@ -454,6 +462,57 @@ class FakeTelegram(FakeAPI):
         else:
             result["from"] = self.bot
         return 200, {}, {"ok": True, "result": result}
+
+    def receive(
+        self, chat_id: int, text: str, user_id: int | None = None, kind: str = "message"
+    ) -> int:
+        """User ``user_id`` (default: the private chat's) writes ``text`` in chat ``chat_id``:
+        queues the update (``kind``: "message", or "edited_message", "channel_post", ...) that
+        getUpdates returns; returns its update_id."""
+        sender = {"id": user_id or chat_id, "is_bot": False, "first_name": "Test"}
+        message: dict[str, Any] = {
+            "chat": self._chat(str(chat_id)),
+            "from": sender,
+            "date": int(time.time()),
+            "text": text,
+        }
+        if text.startswith("/"):
+            command = text.split()[0]
+            message["entities"] = [{"offset": 0, "length": len(command), "type": "bot_command"}]
+        with self.lock:
+            message_id = self._next_id.get(str(chat_id), 1)
+            self._next_id[str(chat_id)] = message_id + 1
+            update_id, self._next_update = self._next_update, self._next_update + 1
+            self.updates.append(
+                {"update_id": update_id, kind: {"message_id": message_id, **message}}
+            )
+        return update_id
+
+    def _get_updates(self, params: dict[str, Any]) -> Reply:
+        """An offset confirms (forgets) the updates below it; a negative one keeps only that
+        many of the last; ``timeout`` long-polls while there is none."""
+        if self.webhook:
+            return _tg_error(
+                409,
+                "Conflict: can't use getUpdates method while webhook is active; "
+                "use deleteWebhook to delete the webhook first",
+            )
+        try:
+            offset = int(params.get("offset") or 0)
+            limit = min(max(int(params.get("limit") or 100), 1), 100)
+            deadline = time.monotonic() + float(params.get("timeout") or 0)
+        except (TypeError, ValueError):
+            return _tg_error(400, "Bad Request: wrong parameter value")
+        while True:
+            with self.lock:
+                if offset < 0:
+                    self.updates = self.updates[offset:]
+                elif offset:
+                    self.updates = [u for u in self.updates if u["update_id"] >= offset]
+                batch = self.updates[:limit]
+            if batch or time.monotonic() >= deadline:
+                return 200, {}, {"ok": True, "result": batch}
+            time.sleep(0.05)
 
     @staticmethod
     def _chat(chat: str) -> dict[str, Any]:

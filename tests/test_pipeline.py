@@ -200,8 +200,10 @@ def test_sweep_releases_expired_leases_and_republishes(scripted, settings):
 
     assert sweep.sweep() == {
         "expanded": 0,
+        "prepared": 0,
         "expired": 1,
         "failed": 1,
+        "expired_unsent": 0,
         "published": 2,
         "unpublished": 0,
     }
@@ -252,7 +254,7 @@ class Counted(PlainTextMessage):
     renders: list[str | None] = []
 
     @classmethod
-    def render(cls, message_model, dispatch):
+    def compile(cls, message, messenger, dispatch=None):
         cls.renders.append(dispatch.address if dispatch else None)
         return f"body for {dispatch.address}" if dispatch else "one body for all"
 

@@ -86,19 +86,24 @@ def test_message_types_register_under_their_alias(registries):
 
 
 @pytest.mark.django_db
-def test_rendering_is_per_dispatch_and_html_is_escaped(django_user_model):
+def test_a_text_is_sent_as_it_is_and_a_dict_renders_the_messengers_template(django_user_model):
     user = django_user_model.objects.create(username="ann")
-    message = Message(
-        cls="email_html", context=EmailHtmlMessage("S", "<script>x</script>\nline").context
+    html = Message(cls="email_html", context=EmailHtmlMessage("S", "<b>bold</b> & co").context)
+    assert EmailHtmlMessage.compile(html, "smtp", Dispatch(message=html, address="a@x.org")) == (
+        "<b>bold</b> & co"  # HTML given as HTML, as django-sitemessage sends it
     )
-    html = EmailHtmlMessage.render(
-        message, Dispatch(message=message, address="a@example.com", recipient=user)
-    )
-    assert "&lt;script&gt;x&lt;/script&gt;<br>line" in html
     plain = Message(cls="plain", context=PlainTextMessage("<b> & 'quotes'").context)
-    assert (
-        PlainTextMessage.render(plain, Dispatch(message=plain, address="x")).strip()
-        == "<b> & 'quotes'"
+    assert PlainTextMessage.compile(plain, "smtp") == "<b> & 'quotes'"
+
+    templated = EmailHtmlMessage("Subj <1>", {"contents": "<p>hi</p>", "footer": "F"})
+    message = Message(cls="email_html", context=templated.context)
+    body = EmailHtmlMessage.compile(
+        message, "smtp", Dispatch(message=message, address="a@x.org", recipient=user)
+    )
+    assert "<title>Subj &lt;1&gt;</title>" in body  # the subject is escaped
+    assert "<p>hi</p>" in body  # contents are HTML (upstream's _base.html)
+    assert EmailHtmlMessage.get_template(message, "smtp") == (
+        "sitemessage/messages/email_html__smtp.html"
     )
 
 

@@ -11,7 +11,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from dispatcher import messages as dispatcher_messages
+from dispatcher import types as dispatcher_types
 from dispatcher.messages import register_message_types
 from dispatcher.models import Dispatch, DispatchError, Message, ScheduleRequest
 from dispatcher.sweep import sweep
@@ -47,7 +47,11 @@ def test_a_string_becomes_a_plain_text_message_with_one_dispatch_per_recipient(u
     [(message, dispatches)] = schedule_messages(
         "Hi there", recipients("smtp", [user, "bob@example.com"]), sender=user, priority=3
     )
-    assert message.cls == "plain" and message.context == {"stext_": "Hi there"}
+    assert message.cls == "plain" and message.context == {
+        "tpl": None,
+        "use_tpl": False,
+        "stext_": "Hi there",
+    }
     assert (message.sender, message.priority) == (user, 3)
     assert [(d.address, d.recipient) for d in dispatches] == [
         ("ann@example.com", user),
@@ -314,7 +318,7 @@ def test_a_request_that_cannot_be_expanded_keeps_its_reason_out_of_the_logs(
     register_message_types(Gone)
     schedule_messages.delay(Gone({"x": 1}), recipients("smtp", "private@example.com"))
     request = ScheduleRequest.objects.get()
-    del dispatcher_messages._message_types["gone_later"]  # a deploy removed the type meanwhile
+    del dispatcher_types._message_types["gone_later"]  # a deploy removed the type meanwhile
 
     with pytest.raises(ScheduleError, match=rf"schedule request {request.pk} cannot be expanded"):
         expand_schedule_request(request.pk)

@@ -116,11 +116,14 @@ def test_a_django_sitemessage_database_upgrades_in_place_and_delivers_what_was_d
 
     migrated = ours("migrate", url=scratch_database)
     assert "Applying sitemessage.0005_celery_delivery... OK" in migrated.stdout
+    assert "Applying sitemessage.0006_subscriptions_optout_send_window... OK" in migrated.stdout
     assert "sitemessage.0001_initial" not in migrated.stdout  # django-sitemessage's, kept
     after = dump(scratch_database)
 
-    for table in ("dispatches", "errors", "subscriptions"):
+    for table in ("dispatches", "errors"):
         assert after[table] == before[table], table
+    assert before["subscriptions"][2] == before["subscriptions"][0]  # the doubled one
+    assert after["subscriptions"] == before["subscriptions"][:2]  # removed, the first kept
     assert after["messages"] == before["messages"]  # the context text is now JSON, same value
     ours("migrate", url=scratch_database_2)
     assert after["schema"] == dump(scratch_database_2)["schema"]  # as a fresh database
@@ -130,21 +133,35 @@ def test_a_django_sitemessage_database_upgrades_in_place_and_delivers_what_was_d
     start_worker(["messenger.smtp"], env=env)
     ours("sitemessage_send_scheduled", url=scratch_database)
     due = ["ann@example.com", "bob@example.com", "error@example.com", "processing@example.com"]
-    sink.wait_for(len(due), timeout=30)
+    subscribers = ["bob@example.com", "x@example.com"]  # of the waiting message: bob once
+    sink.wait_for(len(due) + len(subscribers), timeout=30)
     assert wait_until(
         lambda: (
             sorted(
                 (d["address"], d["dispatch_status"]) for d in dump(scratch_database)["dispatches"]
             )
-            == sorted([*[(a, 2) for a in due], ("sent@example.com", 2), ("failed@example.com", 4)])
+            == sorted(
+                [
+                    *[(a, 2) for a in due + subscribers],
+                    ("sent@example.com", 2),
+                    ("failed@example.com", 4),
+                ]
+            )
         ),
         timeout=30,
         interval=1,
     )
-    assert sorted(sink.recipients()) == due  # each once; sent and failed ones never again
-    for _, email in sink.messages:
-        assert email["Subject"] == "Upgrade"
-        assert "Written by django-sitemessage 1.4." in email.get_payload()
+    # Each once; sent and failed ones never again.
+    assert sorted(sink.recipients()) == sorted(due + subscribers)
+    by_subject: dict[str, list[str]] = {}
+    for rcpt, email in sink.messages:
+        by_subject.setdefault(email["Subject"], []).extend(rcpt)
+        expected = {
+            "Upgrade": "Written by django-sitemessage 1.4.",
+            "Digest": "For the subscribers.",
+        }
+        assert email.get_payload().strip() == expected[email["Subject"]]
+    assert sorted(by_subject["Digest"]) == subscribers
 
     # Going back: our migration reverses, and django-sitemessage 1.4 reads its rows again.
     ours("migrate", "sitemessage", "0004", url=scratch_database)
@@ -158,4 +175,8 @@ def test_a_django_sitemessage_database_upgrades_in_place_and_delivers_what_was_d
     )
     assert back.returncode == 0, back.stderr
     statuses = {d["address"]: d["dispatch_status"] for d in json.loads(back.stdout)["dispatches"]}
-    assert statuses == {**{a: 2 for a in due}, "sent@example.com": 2, "failed@example.com": 4}
+    assert statuses == {
+        **{a: 2 for a in due + subscribers},
+        "sent@example.com": 2,
+        "failed@example.com": 4,
+    }

@@ -27,16 +27,20 @@ class BrokerUnreachable(Exception):
     """The broker did not answer."""
 
 
-def enqueue(ids_by_messenger: dict[str, list[int]], batch_size: int) -> list[int]:
-    """Publishes one delivery task per ``batch_size`` ids of each messenger on its queue; returns
-    the ids it could not publish. An unreachable broker is logged, not raised: the rows are
-    stored and stay pending, and the sweep publishes them again."""
+def enqueue(
+    ids_by_messenger: dict[str, list[int]], batch_size: int, urgent: bool = False
+) -> list[int]:
+    """Publishes one delivery task per ``batch_size`` ids of each messenger on its queue (its
+    urgent lane if ``urgent``: the same task, served by the same workers); returns the ids it
+    could not publish. An unreachable broker is logged, not raised: the rows are stored and
+    stay pending, and the sweep publishes them again."""
     unpublished: list[int] = []
     for alias, ids in ids_by_messenger.items():
+        queue = queue_for(alias, urgent)
         for start in range(0, len(ids), batch_size):
             batch = ids[start : start + batch_size]
             try:
-                current_app.send_task(SEND_DISPATCHES, (alias, batch), queue=queue_for(alias))
+                current_app.send_task(SEND_DISPATCHES, (alias, batch), queue=queue)
             except BROKER_ERRORS:
                 logger.exception(
                     "could not publish %d %s dispatches; they stay pending for the sweep",
@@ -59,25 +63,23 @@ def result_of(task_id: str) -> Any:
     return current_app.AsyncResult(task_id)
 
 
-def queue_lengths(aliases: Iterable[str]) -> dict[str, int | None]:
-    """The number of tasks waiting (not taken by a worker) in each messenger's queue: 0 for a
+def queue_lengths(queues: Iterable[str]) -> dict[str, int | None]:
+    """The number of tasks waiting (not taken by a worker) in each of these queues: 0 for a
     queue the broker does not know (Redis drops an empty one), None when it could not tell."""
     lengths: dict[str, int | None] = {}
     try:
         with current_app.connection_for_write() as conn:
             missing: tuple[type[BaseException], ...] = (ChannelError, *conn.channel_errors)
             closing: tuple[type[BaseException], ...] = (*BROKER_ERRORS, *missing)
-            for alias in aliases:
+            for queue in queues:
                 # A channel each: RabbitMQ closes a channel whose passive declare fails.
                 channel: Any = conn.channel()
                 try:
-                    lengths[alias] = channel.queue_declare(
-                        queue_for(alias), passive=True
-                    ).message_count
+                    lengths[queue] = channel.queue_declare(queue, passive=True).message_count
                 except missing:  # no such queue: nothing waits in it
-                    lengths[alias] = 0
+                    lengths[queue] = 0
                 except BROKER_ERRORS:
-                    lengths[alias] = None
+                    lengths[queue] = None
                 finally:
                     try:
                         channel.close()

@@ -11,7 +11,7 @@ redelivered with the same id takes them back at once (dispatcher/pipeline.py).
 import os
 
 from dispatcher import conf
-from workers.queues import DEFAULT_QUEUE, SWEEP
+from workers.queues import CLEANUP, CLEANUP_INTERVAL, DEFAULT_QUEUE, SWEEP
 
 # Redis by default; RabbitMQ works as well (amqp://guest:guest@127.0.0.1:5672//).
 broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -53,3 +53,11 @@ beat_schedule = {
         "options": {"queue": DEFAULT_QUEUE, "expires": 60},
     },
 }
+# Housekeeping, off unless SITEMESSAGE_CLEANUP_AFTER_DAYS is set: deletes old sent dispatches
+# in chunks, for a bounded time per run (dispatcher.tasks.cleanup).
+if conf.CLEANUP_AFTER_DAYS.get() is not None:
+    beat_schedule["sitemessage-cleanup"] = {
+        "task": CLEANUP,
+        "schedule": CLEANUP_INTERVAL,
+        "options": {"queue": DEFAULT_QUEUE, "expires": CLEANUP_INTERVAL},
+    }

@@ -9,7 +9,8 @@
     serve(app)
 
 ``serve(app)`` adds what ``workers.app`` has and a project's app lacks: the worker lifecycle
-(each process warms the messengers of the queues it consumes), the sweep in beat, and our tasks'
+(each process warms the messengers of the queues it consumes, and consumes their urgent lanes),
+the sweep (and the cleanup, when SITEMESSAGE_CLEANUP_AFTER_DAYS is set) in beat, and our tasks'
 crash settings. It changes nothing else of the app: our tasks are published by name with an
 explicit queue (``workers.broker``), so they need no route, only a worker that consumes
 ``sitemessage`` and ``messenger.<alias>``.
@@ -22,7 +23,14 @@ from typing import Any
 from celery import Celery
 
 from . import lifecycle
-from .queues import DEFAULT_QUEUE, SCHEDULE_MESSAGES, SEND_DISPATCHES, SWEEP
+from .queues import (
+    CLEANUP,
+    CLEANUP_INTERVAL,
+    DEFAULT_QUEUE,
+    SCHEDULE_MESSAGES,
+    SEND_DISPATCHES,
+    SWEEP,
+)
 
 #: What workers.celeryconfig sets app-wide, for our tasks only: acknowledged after they ran and
 #: requeued when their process was killed (the redelivered task takes its rows back at once),
@@ -34,8 +42,9 @@ TASK_OPTIONS = {
     "soft_time_limit": 240,
     "ignore_result": True,
 }
-#: The beat entry of the sweep, as in workers.celeryconfig.
+#: The beat entries of the sweep and of the cleanup, as in workers.celeryconfig.
 SWEEP_ENTRY = "sitemessage-sweep"
+CLEANUP_ENTRY = "sitemessage-cleanup"
 
 
 def serve(app: Celery) -> None:
@@ -59,7 +68,9 @@ def _on_after_configure(sender: Celery, **_: Any) -> None:
 def _configure(app: Celery) -> None:
     from dispatcher import conf  # reads Django's settings: only once the app is configured
 
-    ours = {name: dict(TASK_OPTIONS) for name in (SEND_DISPATCHES, SCHEDULE_MESSAGES, SWEEP)}
+    ours = {
+        name: dict(TASK_OPTIONS) for name in (SEND_DISPATCHES, SCHEDULE_MESSAGES, SWEEP, CLEANUP)
+    }
     theirs = app.conf.task_annotations
     if theirs is None:
         theirs = ()
@@ -74,3 +85,11 @@ def _configure(app: Celery) -> None:
         queue=DEFAULT_QUEUE,
         expires=60,
     )
+    if conf.CLEANUP_AFTER_DAYS.get() is not None:
+        app.add_periodic_task(
+            CLEANUP_INTERVAL,
+            app.signature(CLEANUP),
+            name=CLEANUP_ENTRY,
+            queue=DEFAULT_QUEUE,
+            expires=CLEANUP_INTERVAL,
+        )

@@ -1,6 +1,8 @@
 """Worker process lifecycle: warm messengers at process start, cool them at process stop.
 
-A worker warms only the messengers whose queues it consumes (``-Q messenger.smtp``). With the
+A worker warms only the messengers whose queues it consumes (``-Q messenger.smtp``), and a
+worker that consumes a messenger's queue consumes its urgent lane too (``messenger.smtp.urgent``,
+see consume_urgent_lanes). With the
 prefork pool every child process does it on ``worker_process_init``; with the solo pool the
 worker process does it on ``worker_ready``. Celery kills a child whose init takes 4 s, so the
 warm-up runs in a thread that is given WARM_UP_BUDGET seconds; a messenger that is not warm by
@@ -51,7 +53,36 @@ def connect() -> None:
 
 
 def consumed_aliases(queues: Any) -> list[str]:
-    return [alias for alias in map(alias_of_queue, queues or {}) if alias is not None]
+    """The messengers of the queues consumed (either lane), each once, in order."""
+    aliases = (alias_of_queue(queue) for queue in queues or {})
+    return list(dict.fromkeys(alias for alias in aliases if alias is not None))
+
+
+def consume_urgent_lanes(queues: Any) -> list[str]:
+    """Makes the worker consume the urgent lane of each messenger queue it consumes, and
+    returns the lanes it added. A worker started with ``-Q messenger.smtp`` (as before lanes
+    existed, or with the lane forgotten) would otherwise leave every urgent dispatch of smtp
+    waiting in a queue nobody reads; a worker for the urgent lane alone (``-Q
+    messenger.smtp.urgent``) stays that. ``queues`` is the app's ``amqp.queues``."""
+    consumed = queues.consume_from
+    added = []
+    for name in list(consumed or {}):
+        alias = alias_of_queue(name)
+        urgent = None if alias is None else queue_for(alias, urgent=True)
+        if urgent is None or urgent == name or urgent in consumed:
+            continue
+        try:
+            queue = queues[urgent]  # created like a -Q queue the app does not know
+        except KeyError:  # task_create_missing_queues is off and the app does not declare it
+            logger.error(
+                "queue %s is not declared: %s's urgent dispatches wait in it", urgent, alias
+            )
+            continue
+        queues.select_add(queue)
+        added.append(urgent)
+    if added:
+        logger.info("also consuming the urgent lanes %s", ", ".join(added))
+    return added
 
 
 def consumed_messengers(aliases: list[str]) -> list[MessengerBase]:
@@ -100,6 +131,7 @@ def _is_solo(pool_cls: type) -> bool:
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # Sent after WorkController chose its queues and the event loop, before its bootsteps.
+    consume_urgent_lanes(sender.app.amqp.queues)
     _consumed[:] = consumed_aliases(sender.app.amqp.queues.consume_from)
     if _is_solo(get_implementation(sender.pool_cls)):
         sender.use_eventloop = False

@@ -1,0 +1,3 @@
+from dispatcher.messages import register_builtin_message_types
+
+__all__ = ["register_builtin_message_types"]

@@ -1,3 +1,4 @@
+from messengers.exceptions import FacebookMessengerException
 from messengers.facebook import FacebookMessenger
 
-__all__ = ["FacebookMessenger"]
+__all__ = ["FacebookMessenger", "FacebookMessengerException"]

@@ -1,3 +1,4 @@
+from messengers.exceptions import TelegramMessengerException
 from messengers.telegram import TelegramMessenger
 
-__all__ = ["TelegramMessenger"]
+__all__ = ["TelegramMessenger", "TelegramMessengerException"]

@@ -1,3 +1,4 @@
+from messengers.exceptions import VKontakteMessengerException
 from messengers.vkontakte import VKontakteMessenger
 
-__all__ = ["VKontakteMessenger"]
+__all__ = ["VKontakteMessenger", "VKontakteMessengerException"]

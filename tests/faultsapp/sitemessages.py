@@ -9,7 +9,7 @@ from dispatcher.messages import EmailTextMessage, MessageBase, register_message_
 
 
 class PoisonRenderError(RuntimeError):
-    """Raised by PoisonMessage.render(), every time."""
+    """Raised by PoisonMessage.compile(), every time."""
 
 
 class PoisonMessage(MessageBase):
@@ -18,15 +18,14 @@ class PoisonMessage(MessageBase):
     send_retry_limit = 3
 
     @classmethod
-    def render(cls, message_model: Any, dispatch: Any) -> str:
-        raise PoisonRenderError(f"message {message_model.pk}: this message type cannot render")
+    def compile(cls, message: Any, messenger: Any, dispatch: Any = None) -> str:
+        raise PoisonRenderError(f"message {message.pk}: this message type cannot render")
 
 
 class PerRecipientEmail(EmailTextMessage):
     """A plain-text e-mail rendered, and stored, once per recipient (a dynamic context)."""
 
     alias = "email_per_recipient"
-    template = "sitemessage/messages/email_plain.txt"
     has_dynamic_context = True
 
 

@@ -5,7 +5,8 @@ virtualenv of its own, where only django-sitemessage is installed, not this proj
     python make_upstream_db.py DATABASE_URL [--read]
 
 Migrates, schedules one e-mail to six addresses (two of them users) through django-sitemessage's
-own API, puts the dispatches in every status with error rows, adds subscriptions, and prints
+own API, puts the dispatches in every status with error rows, adds subscriptions (one of them
+doubled) and a message waiting for its subscribers' dispatches, and prints
 the rows as JSON for the test to compare after our migrations ran. With --read it only prints
 the rows (of a database migrated back to django-sitemessage's schema).
 """
@@ -76,7 +77,10 @@ def schedule() -> None:
     Subscription.objects.create(
         message_cls="email_plain", messenger_cls="smtp", address="x@example.com"
     )
-    Message.objects.create(cls="email_plain", context={"subject": "later"}, dispatches_ready=False)
+    # django-sitemessage let a subscription be doubled, and then sent bob everything twice.
+    Subscription.objects.create(message_cls="email_plain", messenger_cls="smtp", recipient=bob)
+    # Scheduled without recipients: its dispatches are to be made from the subscribers.
+    EmailTextMessage("Digest", "For the subscribers.").schedule()
 
 
 if not READ_ONLY:

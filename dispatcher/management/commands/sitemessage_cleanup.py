@@ -1,8 +1,10 @@
-"""``manage.py sitemessage_cleanup [--ago DAYS] [--dispatches_only]``: deletes sent dispatches.
+"""``manage.py sitemessage_cleanup [--ago DAYS] [--dispatches-only]``: deletes sent dispatches.
 
 Deletes SENT dispatches (with ``--ago``, only those sent at least that many days ago) and then
-the messages left without any dispatch, unless ``--dispatches_only``. Options and the first
-and last output lines are django-sitemessage's. Exits 1 when the database fails.
+the messages left without any dispatch, unless ``--dispatches-only`` (or django-sitemessage's
+spelling, ``--dispatches_only``). Options and the first and last output lines are
+django-sitemessage's. Deletes in chunks, each in its own transaction. Exits 1 when the
+database fails.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class Command(BaseCommand):
         )
         # django-sitemessage declared this flag with store_false, so it could never be set.
         parser.add_argument(
+            "--dispatches-only",
             "--dispatches_only",
+            dest="dispatches_only",
             action="store_true",
             help="delete the dispatches only; keep the messages",
         )

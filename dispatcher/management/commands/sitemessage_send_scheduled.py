@@ -49,6 +49,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"expired leases: {result['expired']} given back for a retry, "
             f"{result['failed']} failed at their attempt limit; "
+            f"{result['expired_unsent']} failed unsent past their expires_at; "
             f"{result['published']} dispatches{where} published"
         )
         if result["unpublished"]:

@@ -1,0 +1,3 @@
+from dispatcher.backends import EmailBackend
+
+__all__ = ["EmailBackend"]

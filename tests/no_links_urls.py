@@ -1,0 +1,3 @@
+"""A project URLconf without the link views."""
+
+urlpatterns: list = []
