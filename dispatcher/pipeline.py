@@ -62,9 +62,10 @@ def lease_owner(run: str | None) -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{run or 'local'}"[:100]
 
 
-def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
-    """Delivers the given dispatches of one messenger; returns what happened to them."""
-    dispatches = with_db_retry(lambda: claim(alias, dispatch_ids, owner))
+def deliver(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = False) -> BatchResult:
+    """Delivers the given dispatches of one messenger (with ``waiting``, a worker's task, also
+    other due ones, up to a batch: see claim_waiting); returns what happened to them."""
+    dispatches = with_db_retry(lambda: claim(alias, dispatch_ids, owner, waiting))
     recorder = Recorder(owner)
     recorder.result.claimed = len(dispatches)
     if not dispatches:
@@ -104,7 +105,7 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str) -> BatchResult:
     return recorder.result
 
 
-def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
+def claim(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = False) -> list[Dispatch]:
     """Takes the claimable rows among ``dispatch_ids`` for ``owner``, and those a dead process
     of this host held for the same run (see take_back); returns them, less those that expired
     (see fail_expired). A row whose ``send_at`` is still ahead is not claimable: a task that
@@ -122,12 +123,14 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
         retry_count=F("retry_count") + 1,
     )
     if taken < len(dispatch_ids):  # only rows left unclaimed can be a dead run's
-        taken += take_back(alias, dispatch_ids, owner, now)
-    logger.debug("%s: claimed %d of %d dispatches", alias, taken, len(dispatch_ids))
+        taken += take_back(alias, None if waiting else dispatch_ids, owner, now)
+    room = conf.BATCH_SIZE.get() - taken
+    if waiting and room > 0:
+        taken += claim_waiting(alias, owner, now, room)
+    logger.debug("%s: claimed %d for %d ids", alias, taken, len(dispatch_ids))
+    mine = Dispatch.objects.filter(dispatch_status=Status.PROCESSING, lease_owner=owner)
     dispatches = list(
-        Dispatch.objects.filter(
-            pk__in=dispatch_ids, dispatch_status=Status.PROCESSING, lease_owner=owner
-        )
+        (mine if waiting else mine.filter(pk__in=dispatch_ids))
         .select_related("recipient")
         .order_by("message_id", "pk")
     )
@@ -136,6 +139,35 @@ def claim(alias: str, dispatch_ids: list[int], owner: str) -> list[Dispatch]:
     for dispatch in dispatches:
         dispatch.message = messages[dispatch.message_id]
     return fail_expired(dispatches, owner, now)
+
+
+def claim_waiting(alias: str, owner: str, now: datetime, room: int) -> int:
+    """Also takes up to ``room`` other pending dispatches of this messenger that are due (the
+    oldest first, whichever task carries their ids): a task is a doorbell, and a warm worker
+    handed one id of a stream of one-recipient messages sends the ones already waiting in the
+    same batch instead of one task each; the tasks that carry their ids then claim nothing.
+    Rows another run is claiming right now are skipped (SKIP LOCKED where the database has
+    it), so workers do not queue behind each other; the claim itself stays the one UPDATE that
+    only a PENDING row passes."""
+    with transaction.atomic():
+        waiting = Dispatch.objects.filter(
+            Q(send_at__isnull=True) | Q(send_at__lte=now),
+            messenger=alias,
+            dispatch_status=Status.PENDING,
+        )
+        pks = list(
+            waiting.select_for_update(skip_locked=True)
+            .order_by("pk")
+            .values_list("pk", flat=True)[:room]
+        )
+        if not pks:
+            return 0
+        return Dispatch.objects.filter(pk__in=pks, dispatch_status=Status.PENDING).update(
+            dispatch_status=Status.PROCESSING,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
+            retry_count=F("retry_count") + 1,
+        )
 
 
 def fail_expired(dispatches: list[Dispatch], owner: str, now: datetime) -> list[Dispatch]:
@@ -170,7 +202,7 @@ def fail_expired(dispatches: list[Dispatch], owner: str, now: datetime) -> list[
     return [d for d in dispatches if d.pk not in expiry]
 
 
-def take_back(alias: str, dispatch_ids: list[int], owner: str, now: datetime) -> int:
+def take_back(alias: str, dispatch_ids: list[int] | None, owner: str, now: datetime) -> int:
     """Takes over the rows that a process which died mid-batch held for this same run.
 
     A task whose worker process was killed is delivered again with the same task id (acks_late
@@ -179,18 +211,20 @@ def take_back(alias: str, dispatch_ids: list[int], owner: str, now: datetime) ->
     expire would keep those recipients waiting; instead the new run takes them back at once,
     but only from a process of this host that is gone, so a live run never loses its rows.
     Rows held on another host are left to the lease and the sweep. Each is an interrupted
-    attempt, logged as WorkerLost.
+    attempt, logged as WorkerLost. ``dispatch_ids``: only those of them (None: every row the
+    dead run held, also those it claimed beyond the ids of its task).
     """
     parts = owner.split(":", 2)
     if len(parts) != 3:  # not a lease_owner() name: nothing to recognise
         return 0
     host, _, run = parts
     held = Dispatch.objects.filter(
-        pk__in=dispatch_ids,
         messenger=alias,
         dispatch_status=Status.PROCESSING,
         lease_owner__endswith=f":{run}",
     ).exclude(lease_owner=owner)
+    if dispatch_ids is not None:  # None: all the dead run held, also beyond its ids
+        held = held.filter(pk__in=dispatch_ids)
     dead = {
         previous
         for previous in held.values_list("lease_owner", flat=True).distinct()

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 @shared_task(name=SEND_DISPATCHES, ignore_result=True, bind=True)
 def send_dispatches(self: Task, alias: str, dispatch_ids: list[int]) -> dict[str, int]:
     """Delivers one batch of one messenger's dispatches."""
-    result = pipeline.deliver(alias, dispatch_ids, pipeline.lease_owner(self.request.id))
+    owner = pipeline.lease_owner(self.request.id)
+    result = pipeline.deliver(alias, dispatch_ids, owner, waiting=True)
     logger.info(
         "%s batch of %d ids: %d claimed, %d sent, %d to retry, %d failed",
         alias,

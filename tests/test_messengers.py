@@ -9,6 +9,7 @@ import pytest
 from aiosmtpd.smtp import AuthResult
 
 from dispatcher.models import Dispatch
+from messengers import smtp as smtp_module
 from messengers.base import alias_of
 from messengers.exceptions import PermanentDeliveryError, TemporaryDeliveryError
 from messengers.registry import register_messenger_objects
@@ -148,18 +149,32 @@ class TestUserDefinedContract(MessengerContract):
         return fail
 
 
-def test_connection_is_reused_and_checked_with_noop(smtp):
+def test_connection_is_reused_and_checked_with_noop_only_after_an_idle_while(smtp, monkeypatch):
     sink, messenger, _ = smtp
     messenger.before_send()
     for i in range(3):
         messenger._test_message(f"user{i}@example.com", "hello")
     assert sink.sessions == 1
-    assert sink.noops >= 2  # checked alive before each reuse
-    assert sorted(sink.recipients()) == [f"user{i}@example.com" for i in range(3)]
+    assert sink.noops == 0  # the server answered a moment ago: no round trip to ask again
+    monkeypatch.setattr(smtp_module, "FRESH_SECONDS", 0.0)  # idle for longer than that
+    for i in range(3, 5):
+        messenger._test_message(f"user{i}@example.com", "hello")
+    assert sink.noops == 2 and sink.sessions == 1  # checked alive before each reuse
+    assert sorted(sink.recipients()) == [f"user{i}@example.com" for i in range(5)]
 
 
-def test_reconnects_after_the_server_dropped_the_connection(smtp):
+def test_a_connection_reused_on_trust_that_died_is_replaced_for_the_same_email(smtp):
     sink, messenger, restart = smtp
+    messenger.before_send()
+    messenger._test_message("a@example.com", "one")
+    restart()  # the server restarted a moment after it answered
+    messenger._test_message("b@example.com", "two")  # no NOOP, a dead socket: sent anyway
+    assert sink.recipients() == ["a@example.com", "b@example.com"] and sink.sessions == 2
+
+
+def test_reconnects_after_the_server_dropped_an_idle_connection(smtp, monkeypatch):
+    sink, messenger, restart = smtp
+    monkeypatch.setattr(smtp_module, "FRESH_SECONDS", 0.0)  # every reuse asks NOOP first
     messenger.before_send()
     messenger._test_message("a@example.com", "one")
     restart()  # the open connection dies with the old server
