@@ -47,9 +47,9 @@ test-faults: install ## Only the fault tests (killed workers, lost broker, serve
 	scripts/services.sh start redis postgres
 	status=0; $(BIN)/pytest -m faults -s || status=$$?; scripts/services.sh stop; exit $$status
 
-bench: install ## Benchmarks (print figures and ratios to their baselines)
-	scripts/services.sh start redis prosody
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+bench: install ## The benchmark suite (bench/suite.py): one table, PASS or SHORT per target; BENCH_ARGS=--quick
+	scripts/services.sh start redis postgres rabbitmq prosody
+	status=0; $(BIN)/python bench/suite.py $(BENCH_ARGS) || status=$$?; scripts/services.sh stop; exit $$status
 
 migrate: install ## Create or update the default SQLite database (var/db.sqlite3)
 	DJANGO_DEBUG=1 $(BIN)/python manage.py migrate
