@@ -328,16 +328,24 @@ class MessageBase:
         return render_to_string(names, context)
 
     @classmethod
-    def personalise(cls, shared_body: str, message: Message, dispatch: Dispatch) -> str:
+    def personalise(
+        cls,
+        shared_body: str,
+        message: Message,
+        dispatch: Dispatch,
+        unsubscribe_url: str | None = None,
+    ) -> str:
         """A shared body with this dispatch's links in place of the placeholders (the body
-        itself when it has none, without a copy)."""
+        itself when it has none, without a copy). ``unsubscribe_url``: that link, when the
+        caller has it already (else get_unsubscribe_directive() makes it)."""
         for purpose, placeholder in LINK_PLACEHOLDERS.items():
             if placeholder in shared_body:
-                url = (
-                    cls.get_unsubscribe_directive(message, dispatch)
-                    if purpose == "unsubscribe"
-                    else cls.get_mark_read_directive(message, dispatch)
-                )
+                if purpose == "mark_read":
+                    url = cls.get_mark_read_directive(message, dispatch)
+                elif unsubscribe_url is None:
+                    url = cls.get_unsubscribe_directive(message, dispatch)
+                else:
+                    url = unsubscribe_url
                 shared_body = shared_body.replace(placeholder, url)
         return shared_body
 

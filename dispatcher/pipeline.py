@@ -366,15 +366,16 @@ def _render(
     ready = []
     for dispatch in dispatches:
         try:
+            # Signed once per dispatch, for the body's link and for List-Unsubscribe.
+            url = message_cls.get_unsubscribe_directive(message_model, dispatch)
             if not dispatch.message_cache:
                 if message_cls.has_dynamic_context:
                     dispatch.message_cache = message_cls.compile(message_model, messenger, dispatch)
                 else:
                     if shared is None:
                         shared = message_cls.compile(message_model, messenger, None)
-                    body = message_cls.personalise(shared, message_model, dispatch)
+                    body = message_cls.personalise(shared, message_model, dispatch, url)
                     dispatch.message_cache, dispatch.body_shared = body, True
-            url = message_cls.get_unsubscribe_directive(message_model, dispatch)
             dispatch.unsubscribe_url = url if url.startswith("https://") else ""
         except Exception as exc:
             logger.warning("rendering dispatch %s failed: %r", dispatch.pk, exc)
