@@ -223,6 +223,9 @@ class Dispatch(models.Model):
     #: Who is delivering the dispatch right now, and until when the claim holds.
     lease_owner = models.CharField(max_length=100, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    #: The Celery task that claimed the dispatch last ("" when delivered in-process): the
+    #: admin links it to Flower.
+    task_id = models.CharField(max_length=255, blank=True, default="")
     provider_message_id = models.CharField(max_length=255, blank=True)
     time_created = models.DateTimeField(default=timezone.now)
     #: When the last attempt ended (django-sitemessage's name).

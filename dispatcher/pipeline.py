@@ -37,7 +37,7 @@ from messengers.base import Outcome, outcome_listener, record_outcome, unmarked,
 from messengers.exceptions import UnknownMessengerError
 from messengers.registry import get_registered_messenger_object
 
-from . import conf
+from . import conf, metrics
 from .messages import MessageBase, get_registered_message_type, retry_limit
 from .models import Dispatch, DispatchError, Message, OptOut
 from .ratelimit import RateLimiter
@@ -62,11 +62,17 @@ def lease_owner(run: str | None) -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{run or 'local'}"[:100]
 
 
+def task_of(owner: str) -> str:
+    """The Celery task id in a lease_owner() name ("" for an in-process run)."""
+    run = owner.split(":", 2)[-1]
+    return "" if run == "local" or ":" not in owner else run
+
+
 def deliver(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = False) -> BatchResult:
     """Delivers the given dispatches of one messenger (with ``waiting``, a worker's task, also
     other due ones, up to a batch: see claim_waiting); returns what happened to them."""
     dispatches = with_db_retry(lambda: claim(alias, dispatch_ids, owner, waiting))
-    recorder = Recorder(owner)
+    recorder = Recorder(owner, alias)
     recorder.result.claimed = len(dispatches)
     if not dispatches:
         return recorder.result
@@ -121,6 +127,7 @@ def claim(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = False
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
         retry_count=F("retry_count") + 1,
+        task_id=task_of(owner),
     )
     if taken < len(dispatch_ids):  # only rows left unclaimed can be a dead run's
         taken += take_back(alias, None if waiting else dispatch_ids, owner, now)
@@ -167,6 +174,7 @@ def claim_waiting(alias: str, owner: str, now: datetime, room: int) -> int:
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
             retry_count=F("retry_count") + 1,
+            task_id=task_of(owner),
         )
 
 
@@ -237,6 +245,7 @@ def take_back(alias: str, dispatch_ids: list[int] | None, owner: str, now: datet
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
         retry_count=F("retry_count") + 1,
+        task_id=task_of(owner),
     )
     DispatchError.objects.bulk_create(
         DispatchError(
@@ -404,13 +413,19 @@ class Recorder:
     """Persists outcomes while the batch is being sent, only while this run still owns the rows:
     SENT at once, the others in chunks of SITEMESSAGE_OUTCOME_CHUNK."""
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, alias: str) -> None:
         self.owner = owner
+        self.alias = alias
         self.pending: list[Dispatch] = []
         self.result = BatchResult()
         self.chunk = conf.OUTCOME_CHUNK.get()
+        self.clock = time.perf_counter()
 
     def add(self, dispatch: Dispatch) -> None:
+        # The messenger's time for this dispatch: since the previous outcome, or the start.
+        now = time.perf_counter()
+        metrics.observe_send(self.alias, now - self.clock)
+        self.clock = now
         if dispatch.outcome.status == "sent":
             self._write_sent(dispatch)
             return
@@ -470,6 +485,7 @@ class Recorder:
         elif dispatch.dispatch_status in _COUNTER:
             name = _COUNTER[dispatch.dispatch_status]
             setattr(self.result, name, getattr(self.result, name) + 1)
+            metrics.count_outcome(self.alias, _METRIC[dispatch.dispatch_status])
             signal = _SIGNALS.get(dispatch.dispatch_status)
             if signal is not None:
                 send_outcome(signal, [dispatch])
@@ -493,6 +509,7 @@ def with_db_retry(operation: Callable[[], T]) -> T:
 
 
 _COUNTER: dict[int, str] = {Status.SENT: "sent", Status.ERROR: "errors", Status.FAILED: "failed"}
+_METRIC: dict[int, str] = {Status.SENT: "sent", Status.ERROR: "retried", Status.FAILED: "failed"}
 _SIGNALS: dict[int, Any] = {Status.SENT: dispatch_sent, Status.FAILED: dispatch_failed}
 _OUTCOME_FIELDS = [
     "dispatch_status",

@@ -4,7 +4,9 @@ Runs on whatever DATABASE_URL and CELERY_BROKER_URL say; `make test` runs it on 
 PostgreSQL + Redis and SQLite + RabbitMQ.
 """
 
+import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -96,3 +98,68 @@ def test_a_large_message_is_rendered_once_and_its_body_not_stored_per_recipient(
         timeout=30,
     )
     assert set(Dispatch.objects.values_list("message_cache", flat=True)) == {""}
+
+
+def test_flower_and_the_log_name_each_batch_by_messenger_and_size_and_dispatches_keep_the_task(
+    smtp_server, start_worker
+):
+    sink, port = smtp_server
+    worker = start_worker(
+        ["messenger.smtp"], env={"EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(port)}
+    )
+    addresses = [f"named{i}@example.com" for i in range(3)]
+    schedule_messages(EmailTextMessage("Named", "Body text"), recipients("smtp", addresses))
+    sink.wait_for(3, timeout=60)
+    assert wait_until(
+        lambda: (
+            set(Dispatch.objects.values_list("dispatch_status", flat=True))
+            == {Dispatch.Status.SENT}
+        ),
+        timeout=30,
+    )
+    [task_id] = set(Dispatch.objects.values_list("task_id", flat=True))
+    assert len(task_id) == 36  # a Celery task id (uuid4)
+    assert wait_until(
+        lambda: f"dispatcher.send_dispatches[smtp][{task_id}]" in worker.text(), timeout=10
+    )
+    log = worker.text()
+    assert not any(address in log for address in addresses)
+    assert "Body text" not in log
+
+
+def test_a_published_batch_carries_the_messenger_and_its_size_for_flower_not_addresses():
+    from celery import current_app
+
+    from tests.support import purge
+
+    purge(["messenger.smtp"])
+    schedule_messages(
+        EmailTextMessage("Unread", "Secret body"),
+        recipients("smtp", ["one@example.com", "two@example.com"]),
+    )
+    with current_app.connection_for_read() as conn:
+        channel: Any = conn.default_channel
+        raw = None
+        for _ in range(50):
+            raw = channel.basic_get("messenger.smtp", no_ack=True)
+            if raw is not None:
+                break
+            time.sleep(0.1)
+    assert raw is not None
+    assert raw.headers["shadow"] == "dispatcher.send_dispatches[smtp]"
+    assert raw.headers["argsrepr"] == "('smtp', <2 dispatch ids>)"
+    everything = repr(raw.headers) + raw.body.decode()
+    assert "example.com" not in everything and "Secret body" not in everything
+
+
+def test_workers_by_queue_names_the_live_workers_of_each_queue(start_worker):
+    from workers.broker import workers_by_queue
+
+    worker = start_worker(["messenger.smtp", "messenger.smtp.urgent"], concurrency=1)
+    node = worker.name.replace("%h", socket.gethostname())
+    serving = workers_by_queue(timeout=2.0)
+    assert serving is not None
+    assert node in serving["messenger.smtp"] and node in serving["messenger.smtp.urgent"]
+    worker.stop()
+    after = workers_by_queue(timeout=0.5)
+    assert after is not None and node not in after.get("messenger.smtp", [])

@@ -40,7 +40,14 @@ def enqueue(
         for start in range(0, len(ids), batch_size):
             batch = ids[start : start + batch_size]
             try:
-                current_app.send_task(SEND_DISPATCHES, (alias, batch), queue=queue)
+                current_app.send_task(
+                    SEND_DISPATCHES,
+                    (alias, batch),
+                    queue=queue,
+                    # What Flower and the worker log show: the messenger and the batch size.
+                    shadow=f"{SEND_DISPATCHES}[{alias}]",
+                    argsrepr=f"({alias!r}, <{len(batch)} dispatch ids>)",
+                )
             except BROKER_ERRORS:
                 logger.exception(
                     "could not publish %d %s dispatches; they stay pending for the sweep",
@@ -88,6 +95,22 @@ def queue_lengths(queues: Iterable[str]) -> dict[str, int | None]:
     except BROKER_ERRORS:
         logger.warning("could not ask the broker for its queue lengths", exc_info=True)
     return lengths
+
+
+def workers_by_queue(timeout: float = 1.0) -> dict[str, list[str]] | None:
+    """The workers consuming each queue, as they answer Celery's inspect within ``timeout``
+    seconds: {queue: sorted node names}; {} when none answered, None when the broker is
+    unreachable."""
+    try:
+        answers = current_app.control.inspect(timeout=timeout).active_queues() or {}
+    except BROKER_ERRORS:
+        logger.warning("could not ask the workers for their queues", exc_info=True)
+        return None
+    serving: dict[str, list[str]] = {}
+    for node, queues in answers.items():
+        for queue in queues or ():
+            serving.setdefault(queue["name"], []).append(node)
+    return {queue: sorted(nodes) for queue, nodes in sorted(serving.items())}
 
 
 def check_broker(timeout: int) -> None:
