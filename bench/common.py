@@ -344,6 +344,7 @@ def purge_smtp_queues() -> None:
     """Drops the delivery tasks waiting in the smtp queues (both lanes)."""
     from kombu import Queue
 
+    from workers import broker
     from workers.app import app
     from workers.queues import queue_for
 
@@ -352,6 +353,7 @@ def purge_smtp_queues() -> None:
             queue = Queue(name, channel=conn.default_channel)
             queue.declare()
             queue.purge()
+    broker.silence([queue_for("smtp"), queue_for("smtp", urgent=True)])
 
 
 def wait_delivered(sink: Sink, count: int, timeout: float) -> float:

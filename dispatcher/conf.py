@@ -129,6 +129,31 @@ REPUBLISH_AFTER = Setting[float](
     "seconds a published dispatch may wait in its queue before the sweep publishes it again",
     minimum=0.001,
 )
+DOORBELL_SECONDS = Setting[float](
+    "DOORBELL_SECONDS",
+    10,
+    float,
+    "with a Redis broker: while a delivery task of a queue is waiting, a call that fits in one "
+    "batch publishes none (that task's worker claims its rows); the pending mark expires after "
+    "this many seconds; 0: a task per call",
+    minimum=0,
+)
+#: PostgreSQL's synchronous_commit values.
+SYNCHRONOUS_COMMIT_VALUES = ("on", "off", "local", "remote_write", "remote_apply")
+WORKER_SYNCHRONOUS_COMMIT = Setting[str | None](
+    "WORKER_SYNCHRONOUS_COMMIT",
+    "off",
+    str,
+    "PostgreSQL's synchronous_commit for the connections of worker processes: 'off' does not "
+    "wait for the disk flush of each SENT mark (a PostgreSQL crash may then re-send what was "
+    "marked sent in its last half second; nothing is lost); None: the database's own setting",
+    optional=True,
+    validator=lambda value: (
+        None
+        if value in SYNCHRONOUS_COMMIT_VALUES
+        else f"must be one of {SYNCHRONOUS_COMMIT_VALUES}"
+    ),
+)
 OUTCOME_CHUNK = Setting[int](
     "OUTCOME_CHUNK",
     20,
@@ -239,6 +264,33 @@ CLEANUP_AFTER_DAYS = Setting[int | None](
     optional=True,
     minimum=0,
 )
+FLOWER_URL = Setting[str | None](
+    "FLOWER_URL",
+    None,
+    str,
+    "Flower's address (https://flower.example.com); the admin links each dispatch's task id to "
+    "its page there; None: no links",
+    optional=True,
+    prefixes=("https://", "http://"),
+)
+METRICS_DIR = Setting[str | None](
+    "METRICS_DIR",
+    None,
+    str,
+    "directory where this host's worker processes keep their counters for /metrics (one "
+    "subdirectory per worker, emptied when it starts); None: VAR_DIR/metrics of the Django "
+    "settings (this service: $SITEMESSAGE_VAR_DIR/metrics), no worker counters without VAR_DIR",
+    optional=True,
+)
+METRICS_TOKEN = Setting[str | None](
+    "METRICS_TOKEN",
+    None,
+    str,
+    "bearer token that lets a scraper read /metrics (Authorization: Bearer <token>); None: "
+    "staff sessions only",
+    optional=True,
+    validator=lambda value: None if len(value) >= 16 else "must be at least 16 characters",
+)
 
 #: Every setting, by its name without the prefix.
 SETTINGS: dict[str, Setting[Any]] = {
@@ -250,6 +302,8 @@ SETTINGS: dict[str, Setting[Any]] = {
         RETRY_BACKOFF,
         RETRY_BACKOFF_MAX,
         REPUBLISH_AFTER,
+        DOORBELL_SECONDS,
+        WORKER_SYNCHRONOUS_COMMIT,
         OUTCOME_CHUNK,
         DB_RETRY_SECONDS,
         SWEEP_INTERVAL,
@@ -267,6 +321,9 @@ SETTINGS: dict[str, Setting[Any]] = {
         INIT_BUILTIN_MESSAGE_TYPES,
         URGENT_PRIORITY,
         CLEANUP_AFTER_DAYS,
+        METRICS_DIR,
+        METRICS_TOKEN,
+        FLOWER_URL,
     )
 }
 

@@ -16,6 +16,7 @@ the limiter all its workers share.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -29,7 +30,15 @@ from itertools import groupby
 from typing import Any, TypeVar
 
 import redis
-from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    connection,
+    connections,
+    router,
+    transaction,
+)
+from django.db.backends.signals import connection_created
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -54,12 +63,39 @@ class BatchResult:
     sent: int = 0
     errors: int = 0
     failed: int = 0
+    #: 1 when the claim of waiting rows filled the batch: more may be waiting.
+    more: int = 0
 
 
 def lease_owner(run: str | None) -> str:
     """The lease owner of one delivery run in this process: host, pid and the run's name (the
     Celery task id), so an operator can tell which worker holds a dispatch."""
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{run or 'local'}"[:100]
+
+
+def relax_commits() -> None:
+    """Gives every PostgreSQL connection this process opens (and those open now)
+    SITEMESSAGE_WORKER_SYNCHRONOUS_COMMIT; called once at worker start, before the pool forks.
+
+    A worker writes one SENT mark per dispatch, and with synchronous_commit on each waits for
+    a disk flush (about 0.5 ms here, more on most disks), which bounds one-at-a-time delivery.
+    Every worker transaction is a state change the sweep recovers from when it is lost: a lost
+    SENT mark re-sends that dispatch, a lost claim or error mark is redone. So "off" risks only
+    duplicates after a PostgreSQL crash, never a message; a crashed worker process loses
+    nothing more, since the server has each commit."""
+    value = conf.WORKER_SYNCHRONOUS_COMMIT.get()
+    if value is None:
+        return
+
+    def apply(connection: Any, **_: Any) -> None:
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT set_config('synchronous_commit', %s, false)", [value])
+
+    connection_created.connect(apply, weak=False, dispatch_uid="sitemessage.relax_commits")
+    for open_connection in connections.all(initialized_only=True):
+        if open_connection.connection is not None:
+            apply(open_connection)
 
 
 def task_of(owner: str) -> str:
@@ -71,8 +107,10 @@ def task_of(owner: str) -> str:
 def deliver(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = False) -> BatchResult:
     """Delivers the given dispatches of one messenger (with ``waiting``, a worker's task, also
     other due ones, up to a batch: see claim_waiting); returns what happened to them."""
-    dispatches = with_db_retry(lambda: claim(alias, dispatch_ids, owner, waiting))
     recorder = Recorder(owner, alias)
+    dispatches = with_db_retry(
+        lambda: claim(alias, dispatch_ids, owner, waiting, result=recorder.result)
+    )
     recorder.result.claimed = len(dispatches)
     if not dispatches:
         return recorder.result
@@ -111,10 +149,17 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = Fal
     return recorder.result
 
 
-def claim(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = False) -> list[Dispatch]:
+def claim(
+    alias: str,
+    dispatch_ids: list[int],
+    owner: str,
+    waiting: bool = False,
+    result: BatchResult | None = None,
+) -> list[Dispatch]:
     """Takes the claimable rows among ``dispatch_ids`` for ``owner``, and those a dead process
     of this host held for the same run (see take_back); returns them, less those that expired
-    (see fail_expired). A row whose ``send_at`` is still ahead is not claimable: a task that
+    (see fail_expired). With ``waiting``, also other due rows (claim_waiting), and
+    ``result.more`` says whether they filled the batch. A row whose ``send_at`` is still ahead is not claimable: a task that
     arrives early sends nothing, and the sweep publishes the row when it is due."""
     now = timezone.now()
     claimable = Dispatch.objects.filter(pk__in=dispatch_ids, messenger=alias).filter(
@@ -133,7 +178,10 @@ def claim(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = False
         taken += take_back(alias, None if waiting else dispatch_ids, owner, now)
     room = conf.BATCH_SIZE.get() - taken
     if waiting and room > 0:
-        taken += claim_waiting(alias, owner, now, room)
+        extra = claim_waiting(alias, owner, now, room)
+        taken += extra
+        if result is not None:
+            result.more = int(extra == room)
     logger.debug("%s: claimed %d for %d ids", alias, taken, len(dispatch_ids))
     mine = Dispatch.objects.filter(dispatch_status=Status.PROCESSING, lease_owner=owner)
     dispatches = list(
@@ -435,12 +483,7 @@ class Recorder:
 
     def _write_sent(self, dispatch: Dispatch) -> None:
         apply_outcome(dispatch, dispatch.outcome, timezone.now())
-        fields = {name: getattr(dispatch, name) for name in outcome_fields(dispatch)}
-        owned = with_db_retry(
-            lambda: Dispatch.objects.filter(
-                pk=dispatch.pk, dispatch_status=Status.PROCESSING, lease_owner=self.owner
-            ).update(**fields)
-        )
+        owned = with_db_retry(lambda: write_sent(dispatch, self.owner))
         self._count(dispatch, owned)
 
     def flush(self) -> None:
@@ -489,6 +532,37 @@ class Recorder:
             signal = _SIGNALS.get(dispatch.dispatch_status)
             if signal is not None:
                 send_outcome(signal, [dispatch])
+
+
+def write_sent(dispatch: Dispatch, owner: str) -> int:
+    """Stores a SENT outcome (set on ``dispatch`` by apply_outcome) if ``owner`` still holds
+    the row; returns the number of rows written (0 or 1). One prepared UPDATE: it is written
+    once per delivered dispatch, and building it with the ORM cost more than running it."""
+    db = connections[router.db_for_write(Dispatch)]
+    fields = _fields_of(tuple(outcome_fields(dispatch)))
+    params = [field.get_db_prep_save(getattr(dispatch, field.attname), db) for field in fields]
+    with db.cursor() as cursor:
+        cursor.execute(
+            _sent_sql(db.alias, fields), [*params, dispatch.pk, Status.PROCESSING, owner]
+        )
+        return int(cursor.rowcount)
+
+
+@functools.cache
+def _fields_of(names: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(Dispatch._meta.get_field(name) for name in names)
+
+
+@functools.cache
+def _sent_sql(db: str, fields: tuple[Any, ...]) -> str:
+    quote = connections[db].ops.quote_name
+    assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields)
+    # Only the model's own table and column names go in; every value is a parameter.
+    return (
+        f"UPDATE {quote(Dispatch._meta.db_table)} SET {assignments} "  # noqa: S608
+        f"WHERE {quote('id')} = %s AND {quote('dispatch_status')} = %s "
+        f"AND {quote('lease_owner')} = %s"
+    )
 
 
 def with_db_retry(operation: Callable[[], T]) -> T:

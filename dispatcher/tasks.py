@@ -12,6 +12,7 @@ import logging
 
 from celery import Task, shared_task
 
+from workers import broker
 from workers.queues import CLEANUP, SCHEDULE_MESSAGES, SEND_DISPATCHES, SWEEP
 
 from . import conf, operations, pipeline, toolbox
@@ -24,7 +25,10 @@ logger = logging.getLogger(__name__)
 def send_dispatches(self: Task, alias: str, dispatch_ids: list[int]) -> dict[str, int]:
     """Delivers one batch of one messenger's dispatches."""
     owner = pipeline.lease_owner(self.request.id)
+    broker.answer_doorbell(alias)  # before the claim: see workers.broker's doorbells
     result = pipeline.deliver(alias, dispatch_ids, owner, waiting=True)
+    if result.more:
+        broker.ring(alias, conf.DOORBELL_SECONDS.get())
     logger.info(
         "%s batch of %d ids: %d claimed, %d sent, %d to retry, %d failed",
         alias,

@@ -141,7 +141,7 @@ def schedule(
                 to_publish += [(d.pk, d.messenger, message_model.priority) for d in dispatches]
             created.append(MessageTuple(message_model, dispatches))
         if publish and to_publish:
-            transaction.on_commit(lambda: publish_dispatches(to_publish))
+            transaction.on_commit(lambda: publish_dispatches(to_publish, doorbell=True))
     return created
 
 
@@ -427,21 +427,28 @@ def get_message_type_for_app(app_name: str, default_message_type_alias: str) -> 
     return get_registered_message_type(alias)
 
 
-def publish_dispatches(rows: Iterable[tuple[int, str] | tuple[int, str, int]]) -> list[int]:
+def publish_dispatches(
+    rows: Iterable[tuple[int, str] | tuple[int, str, int]], doorbell: bool = False
+) -> list[int]:
     """Publishes stored (dispatch id, messenger alias[, message priority]) rows, in batches per
     messenger and lane: the urgent lane for a priority of at least SITEMESSAGE_URGENT_PRIORITY
     (published first), else the normal one, also for a row without a priority. Returns the ids
-    it could not publish (the broker is down: they stay pending for the sweep)."""
+    it could not publish (the broker is down: they stay pending for the sweep).
+
+    ``doorbell`` (newly scheduled rows): publish nothing for a messenger whose doorbell is
+    pending (SITEMESSAGE_DOORBELL_SECONDS, see workers.broker). The sweep and the admin publish
+    rows whose task may be lost, so they always publish."""
     urgent: dict[str, list[int]] = defaultdict(list)
     normal: dict[str, list[int]] = defaultdict(list)
     for pk, alias, *priority in rows:
         (urgent if priority and is_urgent(priority[0]) else normal)[alias].append(pk)
     batch_size = conf.BATCH_SIZE.get()
+    seconds = conf.DOORBELL_SECONDS.get() if doorbell else 0
     unpublished = []
     if urgent:
-        unpublished += broker.enqueue(urgent, batch_size, urgent=True)
+        unpublished += broker.enqueue(urgent, batch_size, urgent=True, doorbell=seconds)
     if normal:
-        unpublished += broker.enqueue(normal, batch_size)
+        unpublished += broker.enqueue(normal, batch_size, doorbell=seconds)
     return unpublished
 
 

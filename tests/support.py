@@ -108,6 +108,7 @@ def database_url() -> str:
 
 
 def purge(queues: list[str]) -> None:
+    from workers import broker
     from workers.app import app
 
     with app.connection_for_write() as conn:
@@ -115,6 +116,7 @@ def purge(queues: list[str]) -> None:
             queue = Queue(name, channel=conn.default_channel)
             queue.declare()
             queue.purge()
+    broker.silence(queues)
 
 
 class WorkerProcess:

@@ -15,6 +15,7 @@ from messengers.registry import register_messenger_objects
 from sitemessage.messages.email import EmailTextMessage
 from sitemessage.toolbox import recipients, schedule_messages
 from tests.support import wait_until
+from workers import broker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -163,3 +164,28 @@ def test_workers_by_queue_names_the_live_workers_of_each_queue(start_worker):
     worker.stop()
     after = workers_by_queue(timeout=0.5)
     assert after is not None and node not in after.get("messenger.smtp", [])
+
+
+def test_one_recipient_calls_made_as_fast_as_possible_arrive_exactly_once(
+    smtp_server, start_worker
+):
+    """The common case: a stream of one-recipient messages while workers deliver. With a Redis
+    broker most calls publish no task (a doorbell waits) and the answering worker claims
+    their rows; every e-mail still arrives once."""
+    sink, port = smtp_server
+    worker = start_worker(
+        ["messenger.smtp"], env={"EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(port)}
+    )
+    addresses = [f"single{i}@example.com" for i in range(400)]
+    for address in addresses:
+        schedule_messages(EmailTextMessage("One", "For you."), recipients("smtp", address))
+    sink.wait_for(400, timeout=120)
+    assert wait_until(
+        lambda: Dispatch.objects.filter(dispatch_status=Dispatch.Status.SENT).count() == 400,
+        timeout=30,
+    )
+    assert sorted(sink.recipients()) == sorted(addresses)
+    tasks_run = worker.text().count(" received")
+    print(f"\n400 one-recipient calls: {tasks_run} delivery tasks")
+    if broker._bells() is not None:
+        assert tasks_run < 400

@@ -152,11 +152,16 @@ def test_a_killed_pool_process_s_batch_is_taken_back_by_its_redelivered_task(
     sink, port = smtp_server
     env = {"EMAIL_PORT": str(port), "SITEMESSAGE_LEASE_SECONDS": "60"}
     worker = start_worker([QUEUE], concurrency=1, env=env)
-    to = addresses(600)
+    to = addresses(1500)
 
     schedule(to)
     assert wait_until(lambda: len(sink.messages) >= 150, timeout=60), "delivery did not start"
     [child] = worker.children()
+    holding = Dispatch.objects.filter(
+        dispatch_status=Status.PROCESSING, lease_owner__contains=f":{child}:"
+    )
+    # Mid-batch, not in the moment between two (a loaded machine can land there).
+    assert wait_until(holding.exists, timeout=10, interval=0.001), "the child holds no batch"
     os.kill(child, signal.SIGKILL)
     killed_at = time.monotonic()
     held = set(
@@ -295,12 +300,14 @@ def test_same_ids_enqueued_three_times_are_sent_once(smtp_server, start_worker):
     def claims() -> list[list[int]]:
         return [[int(n) for n in CLAIMED.findall(w.text())] for w in workers]
 
-    assert wait_until(lambda: sum(len(c) for c in claims()) == 30, timeout=60)
+    # Every row claimed once; a copy may claim rows waiting for another task (the doorbell
+    # claim), and one whose claim filled its batch rings once more for the rest.
+    assert wait_until(lambda: sum(map(sum, claims())) == len(to), timeout=60)
+    assert wait_until(lambda: sum(len(c) for c in claims()) >= 30, timeout=60)
     per_worker = claims()
     print(
         f"\nbatches run per worker: {[len(c) for c in per_worker]}, rows claimed: {[sum(c) for c in per_worker]}"
     )
-    assert sum(map(sum, per_worker)) == len(to)  # 20 of the 30 copies found nothing to claim
     assert all(per_worker), "one of the two workers did nothing"
 
     figures = report(f"ids enqueued 3 times ({connection.vendor})", sink, to, started)

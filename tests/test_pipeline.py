@@ -452,3 +452,35 @@ def test_a_redelivered_task_takes_back_what_its_dead_run_claimed_beyond_its_ids(
     )
     result = pipeline.deliver("scripted", [ids[0]], pipeline.lease_owner("task-1"), waiting=True)
     assert (result.claimed, result.sent) == (2, 2)
+
+
+@pytest.mark.pg
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("value", ["off", None])
+def test_worker_connections_commit_without_waiting_for_the_flush_unless_told(settings, value):
+    from django.db.backends.signals import connection_created
+
+    settings.SITEMESSAGE_WORKER_SYNCHRONOUS_COMMIT = value
+    connection.ensure_connection()
+    try:
+        pipeline.relax_commits()
+        opened_before = show_synchronous_commit()
+        connection.close()
+        opened_after = show_synchronous_commit()  # a new connection, as a pool child opens
+    finally:
+        connection_created.disconnect(dispatch_uid="sitemessage.relax_commits")
+        connection.close()
+    if connection.vendor != "postgresql":
+        assert opened_before is opened_after is None  # nothing to set on SQLite
+    elif value == "off":
+        assert (opened_before, opened_after) == ("off", "off")
+    else:
+        assert (opened_before, opened_after) == ("on", "on")
+
+
+def show_synchronous_commit() -> str | None:
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return str(cursor.fetchone()[0])
