@@ -5,6 +5,7 @@ delivery bookkeeping without letting anyone write, add or delete it."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import timedelta
@@ -13,12 +14,14 @@ import pytest
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.contrib.messages import ERROR, SUCCESS
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.forms.models import model_to_dict
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import urlencode
 
-from dispatcher.admin import INLINE_DISPATCHES
+from dispatcher.admin import INLINE_DISPATCHES, PAGE_PARAM
 from dispatcher.models import Dispatch, Message
 from dispatcher.pipeline import claim
 from tests.faultsapp.helpers import drain, make_dispatch, published_ids
@@ -412,3 +415,188 @@ def claim_until(pk: int, claimed: threading.Event, release: threading.Event) -> 
         conn.commit()
     finally:
         conn.close()
+
+
+# The message list and page: counts per status, and a message's dispatches a page at a time.
+
+
+def message_with(*statuses: int, priority: int = 0) -> Message:
+    message = make_dispatch(statuses[0], priority=priority).message
+    Dispatch.objects.bulk_create(
+        Dispatch(message=message, messenger="smtp", address="x@example.com", dispatch_status=s)
+        for s in statuses[1:]
+    )
+    return message
+
+
+def counts_on(html: str, message: Message) -> dict[str, str]:
+    """The count columns of a message's row in the message list."""
+    row = re.search(rf'<tr><td class="action-checkbox">[^\n]*?>{message.pk}</a></th>.*?</tr>', html)
+    assert row is not None
+    return dict(re.findall(r'<td class="field-(n_\w+)">(?:<a href="[^"]*">)?(\d+)', row[0]))
+
+
+@pytest.mark.django_db
+def test_the_message_list_counts_dispatches_per_status_in_one_query_for_the_page(admin_client):
+    one = message_with(Status.SENT, Status.SENT, Status.FAILED, Status.PENDING)
+    two = message_with(Status.ERROR)
+    url = reverse("admin:sitemessage_message_changelist")
+
+    with CaptureQueriesContext(connection) as few:
+        html = admin_client.get(url).content.decode()
+    for _ in range(20):
+        message_with(Status.SENT, Status.PROCESSING)
+    with CaptureQueriesContext(connection) as many:
+        admin_client.get(url)
+
+    assert counts_on(html, one) == {
+        "n_pending": "1",
+        "n_processing": "0",
+        "n_sent": "2",
+        "n_error": "0",
+        "n_failed": "1",
+    }
+    assert counts_on(html, two)["n_error"] == "1"
+    query = urlencode({"message__id__exact": one.pk, "dispatch_status__exact": Status.SENT})
+    assert f'href="{reverse(CHANGELIST)}?{query.replace("&", "&amp;")}">2</a>' in html
+    assert len(many) == len(few)  # not one query per row
+    reading_dispatches = [q["sql"] for q in few if "sitemessage_dispatch" in q["sql"]]
+    assert len(reading_dispatches) == 1  # one grouped query for the page
+    assert "GROUP BY" in reading_dispatches[0] and "IN (" in reading_dispatches[0]
+
+
+def inline_rows(html: str) -> list[str]:
+    return re.findall(r'<td class="field-address">\s*<p>([^<]*)</p>', html)
+
+
+@pytest.mark.django_db
+def test_the_message_page_shows_its_dispatches_a_page_at_a_time(admin_client):
+    message = make_dispatch(Status.SENT, address="r0@example.com").message
+    Dispatch.objects.bulk_create(
+        Dispatch(message=message, messenger="smtp", address=f"r{n}@example.com")
+        for n in range(1, 2 * INLINE_DISPATCHES + 50)
+    )
+    url = reverse("admin:sitemessage_message_change", args=[message.pk])
+
+    def page(number: object) -> str:
+        response = admin_client.get(url, {PAGE_PARAM: number})
+        assert response.status_code == 200
+        return response.content.decode()
+
+    first, third = page(1), page(3)
+    assert inline_rows(first) == [f"r{n}@example.com" for n in range(INLINE_DISPATCHES)]
+    assert inline_rows(third) == [f"r{n}@example.com" for n in range(200, 250)]
+    assert "Dispatches 201 to 250 of 250" in third
+    assert f'<a href="?{PAGE_PARAM}=1">1</a>' in third
+    assert '<span class="this-page" aria-current="page">3</span>' in third
+    assert inline_rows(page(99)) == inline_rows(third)  # past the end: the last page
+    assert inline_rows(page("x")) == inline_rows(first)
+
+
+@pytest.mark.pg
+@pytest.mark.django_db
+def test_a_message_of_50000_dispatches_opens_on_any_page_with_a_few_queries(admin_client):
+    message = make_dispatch(Status.SENT).message
+    Dispatch.objects.bulk_create(
+        (
+            Dispatch(message=message, messenger="smtp", address=f"r{n}@example.com")
+            for n in range(1, 50_000)
+        ),
+        batch_size=5000,
+    )
+    url = reverse("admin:sitemessage_message_change", args=[message.pk])
+
+    for number in (1, 500):
+        started = time.perf_counter()
+        with CaptureQueriesContext(connection) as queries:
+            response = admin_client.get(url, {PAGE_PARAM: number})
+        elapsed = time.perf_counter() - started
+        print(
+            f"\n{connection.vendor}: page {number} of 50,000 dispatches in {elapsed * 1000:.0f} ms"
+        )
+        html = response.content.decode()
+        assert response.status_code == 200
+        assert len(inline_rows(html)) == INLINE_DISPATCHES
+        assert "of 50000" in html
+        assert len(queries) <= 12
+    assert inline_rows(html)[-1] == "r49999@example.com"
+
+
+# The dispatch list: filters, the task id, staff only.
+
+
+def listed(client, **params: object) -> list[int]:
+    response = client.get(reverse(CHANGELIST), params)
+    assert response.status_code == 200
+    return sorted(row.pk for row in response.context["cl"].result_list)
+
+
+@pytest.mark.django_db
+def test_the_dispatch_list_filters_by_status_messenger_priority_and_date(admin_client):
+    now = timezone.now()
+    sent_today = make_dispatch(Status.SENT, sent_at=now, priority=7)
+    sent_before = make_dispatch(
+        Status.SENT, sent_at=now - timedelta(days=40), time_created=now - timedelta(days=40)
+    )
+    failed = make_dispatch(Status.FAILED, messenger="xmpp", priority=7)
+
+    assert listed(admin_client, dispatch_status__exact=Status.SENT) == [
+        sent_today.pk,
+        sent_before.pk,
+    ]
+    assert listed(admin_client, messenger="xmpp") == [failed.pk]
+    assert listed(admin_client, priority="7") == sorted([sent_today.pk, failed.pk])
+    assert listed(admin_client, priority="high") == []
+    today = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert listed(admin_client, sent_at__gte=str(today)) == [sent_today.pk]  # "Today"
+    recent = str(today - timedelta(days=7))  # "Past 7 days"
+    assert listed(admin_client, time_created__gte=recent) == sorted([sent_today.pk, failed.pk])
+
+
+@pytest.mark.django_db
+def test_the_dispatch_list_filters_offer_choices_without_reading_every_dispatch(admin_client):
+    make_dispatch(Status.SENT, priority=3)
+
+    with CaptureQueriesContext(connection) as queries:
+        html = admin_client.get(reverse(CHANGELIST)).content.decode()
+
+    assert "?priority=3" in html and "?messenger=smtp" in html
+    assert "By sent at" in html.replace("\n", " ") or "sent at" in html
+    distinct = [q["sql"] for q in queries if "DISTINCT" in q["sql"]]
+    assert distinct and all("sitemessage_dispatch" not in sql for sql in distinct)
+
+
+@pytest.mark.django_db
+def test_the_task_id_is_shown_and_linked_to_flower_when_configured(admin_client, settings):
+    dispatch = make_dispatch(Status.SENT, task_id="4f2c-task")
+    untracked = make_dispatch(Status.SENT)  # delivered in-process: no task
+    change = reverse("admin:sitemessage_dispatch_change", args=[dispatch.pk])
+
+    assert ">4f2c-task<" in admin_client.get(change).content.decode()
+    assert "flower" not in admin_client.get(reverse(CHANGELIST)).content.decode()
+    settings.SITEMESSAGE_FLOWER_URL = "https://flower.example.com/ops/"
+    link = '<a href="https://flower.example.com/ops/task/4f2c-task">4f2c-task</a>'
+    assert link in admin_client.get(change).content.decode()
+    listing = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert link in listing
+    row = re.search(
+        rf'<tr><td class="action-checkbox">[^\n]*?>{untracked.pk}</a></th>.*?</tr>', listing
+    )
+    assert row is not None and '<td class="field-task">-</td>' in row[0]
+
+
+@pytest.mark.django_db
+def test_the_dispatch_and_message_pages_refuse_a_user_who_is_not_staff(client, django_user_model):
+    dispatch = make_dispatch(Status.SENT)
+    user = django_user_model.objects.create_user("ann", password="pw")
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="sitemessage"))
+    client.force_login(user)
+
+    for url in [
+        reverse(CHANGELIST),
+        reverse("admin:sitemessage_dispatch_change", args=[dispatch.pk]),
+        reverse("admin:sitemessage_message_changelist"),
+        reverse("admin:sitemessage_message_change", args=[dispatch.message_id]),
+    ]:
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
