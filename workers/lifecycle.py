@@ -7,7 +7,8 @@ prefork pool every child process does it on ``worker_process_init``; with the so
 worker process does it on ``worker_ready``. Celery kills a child whose init takes 4 s, so the
 warm-up runs in a thread that is given WARM_UP_BUDGET seconds; a messenger that is not warm by
 then (server down, slow login) is logged and connected by its first batch. Shutdown signals are
-best effort: a killed process runs nothing.
+best effort: a killed process runs nothing. At ``worker_init`` the worker also prepares the
+directory of its delivery counters (dispatcher.metrics), before the pool forks.
 
 A solo worker runs Celery's synchronous consumer loop instead of the kombu event loop. Under the
 event loop a solo worker queues its acks (``task_acks_late``) with ``hub.call_soon`` from inside
@@ -19,12 +20,14 @@ one-dispatch batches took 20-70 s instead of under 1 s). The synchronous loop ac
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
 from celery import signals
 from celery.concurrency import get_implementation
 
+from dispatcher import metrics
 from messengers.base import MessengerBase, cool_down, warm_up
 from messengers.registry import get_registered_messenger_objects
 
@@ -133,6 +136,11 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # Sent after WorkController chose its queues and the event loop, before its bootsteps.
     consume_urgent_lanes(sender.app.amqp.queues)
     _consumed[:] = consumed_aliases(sender.app.amqp.queues.consume_from)
+    # Before the pool forks: the children inherit the counters' directory (dispatcher.metrics).
+    metrics.start_worker(sender.hostname, _consumed)
+    from dispatcher import pipeline  # not at import: it loads the models, Django is not set up
+
+    pipeline.relax_commits()
     if _is_solo(get_implementation(sender.pool_cls)):
         sender.use_eventloop = False
 
@@ -143,6 +151,7 @@ def _on_process_init(**_: Any) -> None:
 
 def _on_process_shutdown(**_: Any) -> None:
     cool_messengers()
+    metrics.process_exited(os.getpid())
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
