@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -152,8 +152,11 @@ class UndeliveredReport:
         return "\n".join(lines)
 
 
-def undelivered_report(now: datetime | None = None) -> UndeliveredReport:
-    """Reads the undelivered dispatches (see UndeliveredReport)."""
+def undelivered_report(
+    now: datetime | None = None, progress: Callable[[int, int], None] | None = None
+) -> UndeliveredReport:
+    """Reads the undelivered dispatches (see UndeliveredReport); calls ``progress`` with
+    (messengers read, messengers) after each messenger."""
     now = now or timezone.now()
     stuck = Q(dispatch_status=Status.PROCESSING, lease_expires_at__lt=now)
     queryset = Dispatch.objects.filter(Q(dispatch_status=Status.FAILED) | stuck)
@@ -162,7 +165,8 @@ def undelivered_report(now: datetime | None = None) -> UndeliveredReport:
         stuck=Count("pk", filter=stuck),
     )
     report = UndeliveredReport()
-    for count in counts.order_by("messenger"):
+    per_messenger = list(counts.order_by("messenger"))
+    for count in per_messenger:
         row = Undelivered(count["messenger"], count["failed"], count["stuck"])
         error = (
             DispatchError.objects.filter(dispatch__in=queryset.filter(messenger=row.messenger))
@@ -178,6 +182,8 @@ def undelivered_report(now: datetime | None = None) -> UndeliveredReport:
         elif row.stuck:
             row.last_error = "no error recorded: the worker died before writing an outcome"
         report.rows.append(row)
+        if progress:
+            progress(len(report.rows), len(per_messenger))
     return report
 
 
@@ -236,18 +242,26 @@ class Cleanup(NamedTuple):
     messages: int
 
 
-def cleanup_sent_messages(ago: int | None = None, dispatches_only: bool = False) -> Cleanup:
+def cleanup_sent_messages(
+    ago: int | None = None,
+    dispatches_only: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Cleanup:
     """Deletes SENT dispatches (those sent at least ``ago`` days ago, or all of them when
     ``ago`` is None or 0) with their error logs, and then the messages they belonged to that
     have no dispatch left, unless ``dispatches_only``. Returns how many of each it deleted.
-    Deletes in chunks, each in its own transaction (see cleanup_for).
+    Deletes in chunks, each in its own transaction (see cleanup_for), and calls ``progress``
+    with (dispatches deleted, dispatches to delete) after each.
 
     Raises TypeError or ValueError for an ``ago`` that is not a non-negative integer."""
-    return cleanup_for(math.inf, ago, dispatches_only)[0]
+    return cleanup_for(math.inf, ago, dispatches_only, progress)[0]
 
 
 def cleanup_for(
-    seconds: float, ago: int | None = None, dispatches_only: bool = False
+    seconds: float,
+    ago: int | None = None,
+    dispatches_only: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Cleanup, bool]:
     """cleanup_sent_messages() for about ``seconds``: it stops after the chunk that used them
     up. Returns what it deleted, and True when it stopped so, with sent rows maybe left for
@@ -270,6 +284,7 @@ def cleanup_for(
             Q(sent_at__lte=cutoff) | Q(sent_at__isnull=True, time_dispatched__lte=cutoff)
         )
     deadline = time.monotonic() + seconds
+    total = sent.count() if progress else 0  # one count, only for a progress bar
     dispatches = messages = last = 0
     while True:
         with transaction.atomic():
@@ -288,6 +303,8 @@ def cleanup_for(
                 messages += orphans.delete()[1].get(Message._meta.label, 0)
         dispatches += len(chunk)
         last = chunk[-1][0]
+        if progress:
+            progress(dispatches, total)
         if len(chunk) < DELETE_CHUNK:
             return Cleanup(dispatches, messages), False
         if time.monotonic() >= deadline:

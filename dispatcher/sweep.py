@@ -23,6 +23,7 @@ that priority; leases and expiry it sees to for every priority.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -50,14 +51,21 @@ from .types import get_registered_message_type
 Status = Dispatch.Status
 
 
-def sweep(priority: int | None = None) -> dict[str, int]:
+def sweep(
+    priority: int | None = None, progress: Callable[[int, int], None] | None = None
+) -> dict[str, int]:
     """Runs every step of the sweep once (see the module docstring); returns how many rows
-    each step handled."""
+    each step handled. Calls ``progress`` with (steps done, SWEEP_STEPS) after each step."""
+    step = progress or (lambda done, total: None)
     now = timezone.now()
     expanded = expand_stale_requests(now, priority)
+    step(1, SWEEP_STEPS)
     prepared = len(prepare_dispatches(limit=conf.SWEEP_LIMIT.get(), priority=priority))
+    step(2, SWEEP_STEPS)
     expired, failed = release_expired_leases(now)
+    step(3, SWEEP_STEPS)
     expired_unsent = fail_expired_unsent(now)
+    step(4, SWEEP_STEPS)
     due = Dispatch.objects.filter(dispatch_status__in=[Status.PENDING, Status.ERROR]).filter(
         Q(next_attempt_at__lte=now) | Q(next_attempt_at__isnull=True) | stranded(now),
         not_early(now),
@@ -77,6 +85,7 @@ def sweep(priority: int | None = None) -> dict[str, int]:
         Dispatch.objects.filter(pk__in=unpublished, dispatch_status=Status.PENDING).update(
             next_attempt_at=now
         )
+    step(5, SWEEP_STEPS)
     return {
         "expanded": expanded,
         "prepared": prepared,
@@ -86,6 +95,10 @@ def sweep(priority: int | None = None) -> dict[str, int]:
         "published": len(rows) - len(unpublished),
         "unpublished": len(unpublished),
     }
+
+
+#: The steps of sweep(): expand, prepare, release leases, fail expired rows, publish.
+SWEEP_STEPS = 5
 
 
 def sweep_interval() -> timedelta:

@@ -1,9 +1,17 @@
 """The management commands, through call_command and as `manage.py` subprocesses: what they
-print, what they change and publish (read back from the real broker), and their exit codes."""
+print, what they change and publish (read back from the real broker), their exit codes, their
+--help, and their progress (a tqdm bar on a pseudo-terminal, plain lines through a pipe)."""
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from datetime import datetime, timedelta
 
 import pytest
@@ -14,7 +22,7 @@ from kombu.exceptions import OperationalError
 from dispatcher.models import Dispatch, Message
 from dispatcher.validation import MAX_PRIORITY
 from tests.faultsapp.helpers import drain, make_dispatch, manage, published_ids
-from tests.support import free_port, purge
+from tests.support import ROOT, free_port, purge, worker_env
 from workers.app import app
 
 Status = Dispatch.Status
@@ -328,3 +336,203 @@ def test_cleanup_subprocess_exit_codes():
 
     bad = manage("sitemessage_cleanup", "--ago", "-1")
     assert bad.returncode == 1 and "0 or more" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# Every command: --help, failures, progress
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (
+            "sitemessage_check_undelivered",
+            [
+                "Reports undelivered dispatches (failed ones, and ones stuck past their lease",
+                "Exits 0 when nothing is undelivered, 1 when something is",
+                "--to ADDRESS [ADDRESS ...] e-mail the report to these addresses",
+            ],
+        ),
+        (
+            "sitemessage_cleanup",
+            [
+                "Deletes sent dispatches",
+                "Exits 1 when the database fails",
+                "--ago DAYS only dispatches sent at least this many days ago",
+                "--dispatches-only, --dispatches_only delete the dispatches only",
+            ],
+        ),
+        (
+            "sitemessage_probe",
+            [
+                "Sends one test message through a messenger now",
+                "Exits 1 when the messenger is unknown",
+                "alias alias of a registered messenger",
+                "--to ADDRESS address to send the test message to",
+                "--text TEXT text of the test message",
+            ],
+        ),
+        (
+            "sitemessage_send_scheduled",
+            [
+                "Runs the sweep now, as beat does",
+                "Exits 1 when the broker or the database fails",
+                "--priority N only publish dispatches of messages with this priority",
+            ],
+        ),
+    ],
+)
+def test_help_says_what_the_command_does_and_what_each_argument_means(command, says):
+    done = manage(command, "--help")
+
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())  # argparse wraps to the terminal's width
+    assert text.startswith(f"usage: manage.py {command} ")
+    for phrase in says:
+        assert phrase in text
+
+
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [
+        ("sitemessage_check_undelivered", "cannot read the dispatches: no such table"),
+        ("sitemessage_cleanup", "cleanup failed on the database: no such table"),
+        ("sitemessage_send_scheduled", "the sweep failed on the database: no such table"),
+    ],
+)
+def test_a_database_without_the_tables_exits_1_with_the_reason(tmp_path, queue, command, error):
+    # A database that was never migrated: every query the command makes fails.
+    done = manage(command, env={"DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}"})
+
+    assert done.returncode == 1
+    assert error in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("command", "args", "error"),
+    [
+        ("sitemessage_cleanup", ["--ago", "-1"], "ago must be a number of days, 0 or more"),
+        ("sitemessage_probe", ["nosuchmessenger"], "nosuchmessenger"),
+        ("sitemessage_probe", ["smtp"], "smtp needs an address: pass --to"),
+    ],
+)
+def test_bad_input_raises_command_error(command, args, error):
+    with pytest.raises(CommandError, match=error):
+        call_command(command, *args, stdout=io.StringIO(), stderr=io.StringIO())
+
+
+def sent_rows(count: int) -> None:
+    """``count`` SENT dispatches of one message, for the cleanup to work through."""
+    message = make_dispatch(Status.SENT).message
+    Dispatch.objects.bulk_create(
+        Dispatch(message=message, address=f"r{n}@example.com", dispatch_status=Status.SENT)
+        for n in range(1, count)
+    )
+
+
+def progress_lines(stderr: str, what: str) -> list[str]:
+    """The plain progress lines among what a command wrote to stderr (the test apps warn
+    there too)."""
+    return [line for line in stderr.splitlines() if line.startswith(f"{what}: ")]
+
+
+def in_terminal(*args: str) -> tuple[int, str]:
+    """Runs ``manage.py ARGS`` on the test database with stdout and stderr on a pseudo-terminal
+    of 120 columns; returns its exit status and everything it wrote there."""
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT, env=worker_env(), stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary,
+    )  # fmt: skip
+    os.close(secondary)
+    output = bytearray()
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        output += data
+    os.close(primary)
+    return proc.wait(60), output.decode(errors="replace")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_shows_a_progress_bar_in_a_terminal():
+    sent_rows(1200)  # three chunks of DELETE_CHUNK (500)
+
+    status, output = in_terminal("sitemessage_cleanup")
+
+    assert status == 0, output
+    assert "\r" in output  # the bar redraws itself in place
+    assert "deleting:  42%|" in output and "500/1200" in output  # after the first chunk
+    assert "deleting: 100%|" in output and "1200/1200" in output
+    assert "dispatches/s]" in output
+    assert "Deleted 1200 dispatches and 1 messages." in output
+    assert not Dispatch.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_writes_plain_progress_lines_into_a_pipe():
+    sent_rows(1200)
+
+    done = manage("sitemessage_cleanup")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [  # the report is unchanged
+        "Cleaning up dispatches and messages ...",
+        "Deleted 1200 dispatches and 1 messages.",
+        "Cleanup done.",
+    ]
+    # The first chunk at once, then one line per LOG_EVERY seconds, and the last one.
+    lines = progress_lines(done.stderr, "deleting")
+    assert lines[0] == "deleting: 500 of 1200 dispatches (42%)"
+    assert lines[-1] == "deleting: 1200 of 1200 dispatches (100%)"
+    assert "\r" not in done.stderr and "|" not in done.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_at_verbosity_0_shows_no_progress():
+    sent_rows(600)
+
+    done = manage("sitemessage_cleanup", "-v", "0")
+    status, output = in_terminal("sitemessage_cleanup", "-v", "0")
+
+    assert done.returncode == status == 0
+    assert progress_lines(done.stderr, "deleting") == []
+    assert "%" not in output and "deleting" not in output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_send_scheduled_shows_the_sweep_steps(queue):
+    due = make_dispatch(Status.ERROR, next_attempt_at=past())
+
+    piped = manage("sitemessage_send_scheduled")
+    status, output = in_terminal("sitemessage_send_scheduled")
+
+    assert piped.returncode == status == 0
+    assert progress_lines(piped.stderr, "sweep") == [
+        "sweep: 1 of 5 steps (20%)",
+        "sweep: 5 of 5 steps (100%)",
+    ]
+    assert "sweep: 100%|" in output and "5/5" in output and "\r" in output
+    assert published_ids(drain(queue)) == [due.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_check_undelivered_shows_its_progress_per_messenger():
+    undelivered_rows()  # two messengers
+
+    piped = manage("sitemessage_check_undelivered")
+    status, output = in_terminal("sitemessage_check_undelivered")
+
+    assert piped.returncode == status == 1
+    assert progress_lines(piped.stderr, "reading") == [
+        "reading: 1 of 2 messengers (50%)",
+        "reading: 2 of 2 messengers (100%)",
+    ]
+    assert "reading: 100%|" in output and "2/2" in output
+    assert "Undelivered dispatches count: 3." in output

@@ -18,14 +18,17 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
+from dispatcher.management.progress import Progress
 from dispatcher.operations import report_recipients, send_report, undelivered_report
 from messengers.exceptions import DeliveryError, SiteMessageError
 
 
 class Command(BaseCommand):
     help = (
-        "Reports failed dispatches and dispatches stuck past their lease, and e-mails the report "
-        "to --to (default: ADMINS). Exits 1 when there are any."
+        "Reports undelivered dispatches (failed ones, and ones stuck past their lease because "
+        "their worker died) per messenger with the most recent error of each, and e-mails the "
+        "report through the smtp messenger to --to (default: ADMINS). Exits 0 when nothing is "
+        "undelivered, 1 when something is or when the report cannot be read or sent."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -41,7 +44,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, to: list[str] | None, **options: Any) -> None:
         try:
-            report = undelivered_report()
+            with Progress(self.stderr, "reading", "messengers", options["verbosity"]) as progress:
+                report = undelivered_report(progress=progress)
         except DatabaseError as exc:
             raise CommandError(f"cannot read the dispatches: {exc}") from exc
         self.stdout.write(report.text)

@@ -3,8 +3,9 @@
 Deletes SENT dispatches (with ``--ago``, only those sent at least that many days ago) and then
 the messages left without any dispatch, unless ``--dispatches-only`` (or django-sitemessage's
 spelling, ``--dispatches_only``). Options and the first and last output lines are
-django-sitemessage's. Deletes in chunks, each in its own transaction. Exits 1 when the
-database fails.
+django-sitemessage's. Deletes in chunks, each in its own transaction, with a progress bar on a
+terminal (plain progress lines on stderr otherwise). Exits 1 when ``--ago`` is negative or the
+database fails; what was deleted before that stays deleted.
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
+from dispatcher.management.progress import Progress
 from dispatcher.operations import cleanup_sent_messages
 
 
 class Command(BaseCommand):
-    help = "Removes sent dispatches (and the messages left without dispatches) from the database."
+    help = (
+        "Deletes sent dispatches (all of them, or with --ago those sent at least that many days "
+        "ago) and then the messages left without any dispatch, in chunks of one transaction "
+        "each. Exits 1 when the database fails."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--ago",
             type=int,
             default=None,
+            metavar="DAYS",
             help="only dispatches sent at least this many days ago (default: every sent one)",
         )
         # django-sitemessage declared this flag with store_false, so it could never be set.
@@ -33,7 +40,7 @@ class Command(BaseCommand):
             "--dispatches_only",
             dest="dispatches_only",
             action="store_true",
-            help="delete the dispatches only; keep the messages",
+            help="delete the dispatches only; keep the messages, even those left empty",
         )
 
     def handle(self, *args: Any, ago: int | None, dispatches_only: bool, **options: Any) -> None:
@@ -42,7 +49,10 @@ class Command(BaseCommand):
             suffix.append(f"sent {ago} days ago")
         self.stdout.write(f"Cleaning up dispatches {' '.join(suffix)} ...".replace("  ", " "))
         try:
-            result = cleanup_sent_messages(ago=ago, dispatches_only=dispatches_only)
+            with Progress(self.stderr, "deleting", "dispatches", options["verbosity"]) as progress:
+                result = cleanup_sent_messages(
+                    ago=ago, dispatches_only=dispatches_only, progress=progress
+                )
         except (TypeError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:

@@ -19,16 +19,25 @@ from messengers.registry import get_registered_messenger_object
 
 
 class Command(BaseCommand):
-    help = "Sends a test message through one messenger, in this process, and reports the outcome."
+    help = (
+        "Sends one test message through a messenger now, in this process (connect, log in, "
+        "send, disconnect), and reports what happened. Exits 1 when the messenger is unknown, "
+        "needs --to, or fails to send."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("alias", help="messenger alias, e.g. smtp")
+        parser.add_argument("alias", help="alias of a registered messenger, e.g. smtp")
         parser.add_argument(
             "--to",
             default=None,
+            metavar="ADDRESS",
             help="address to send the test message to (if the messenger needs one)",
         )
-        parser.add_argument("--text", default="Test message from sitemessage.")
+        parser.add_argument(
+            "--text",
+            default="Test message from sitemessage.",
+            help="text of the test message (default: %(default)r)",
+        )
 
     def handle(self, *args: Any, alias: str, to: str | None, text: str, **options: Any) -> None:
         try:

@@ -1,6 +1,7 @@
 """``manage.py sitemessage_send_scheduled [--priority N]``: runs the sweep now, as beat does.
 
-Exits 1 (CommandError) when the broker cannot be reached, in which case nothing is changed and
+Publishes what is due for the workers (it sends nothing itself), with a progress bar over the
+sweep's steps on a terminal (plain progress lines on stderr otherwise). Exits 1 (CommandError) when the broker cannot be reached, in which case nothing is changed and
 the dispatches stay in the database for the next sweep, when publishing fails half-way, or when
 the database fails.
 """
@@ -12,6 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
+from dispatcher.management.progress import Progress
 from dispatcher.sweep import sweep
 from workers.broker import BrokerUnreachable, check_broker
 
@@ -21,8 +23,11 @@ BROKER_TIMEOUT = 5
 
 class Command(BaseCommand):
     help = (
-        "Runs the sweep now: dispatches whose worker died are given back, due retries and "
-        "pending dispatches that wait too long are published again."
+        "Runs the sweep now, as beat does every SITEMESSAGE_SWEEP_INTERVAL seconds: dispatches "
+        "whose worker died are given back, expired ones fail, and due dispatches (retries, "
+        "pending ones whose publish was lost, later deliveries whose time came) are published "
+        "to the workers' queues. Exits 1 when the broker or the database fails; unpublished "
+        "dispatches stay due for the next sweep."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -30,7 +35,9 @@ class Command(BaseCommand):
             "--priority",
             type=int,
             default=None,
-            help="only publish dispatches of messages with this priority",
+            metavar="N",
+            help="only publish dispatches of messages with this priority (leases and expiry "
+            "are seen to for every priority)",
         )
 
     def handle(self, *args: Any, priority: int | None = None, **options: Any) -> None:
@@ -42,7 +49,8 @@ class Command(BaseCommand):
                 "next sweep"
             ) from exc
         try:
-            result = sweep(priority=priority)
+            with Progress(self.stderr, "sweep", "steps", options["verbosity"]) as progress:
+                result = sweep(priority=priority, progress=progress)
         except DatabaseError as exc:
             raise CommandError(f"the sweep failed on the database: {exc}") from exc
         where = "" if priority is None else f" of priority {priority}"
