@@ -327,20 +327,37 @@ class Dispatch(models.Model):
         returns them with ids. ``next_attempt_at``: when the sweep may publish them again
         (None: at its next run); ``send_at`` and ``expires_at`` (checked): their window."""
         return Dispatch.objects.bulk_create(
-            [
-                Dispatch(
-                    message=message_model,
-                    messenger=r.messenger,
-                    recipient=r.user,
-                    address=r.address,
-                    next_attempt_at=next_attempt_at,
-                    send_at=send_at,
-                    expires_at=expires_at,
-                )
-                for r in recipients
-            ],
+            cls.build(
+                message_model, recipients, next_attempt_at, send_at=send_at, expires_at=expires_at
+            ),
             batch_size=500,
         )
+
+    @classmethod
+    def build(
+        cls,
+        message_model: Message,
+        recipients: Iterable[Any],
+        next_attempt_at: Any = None,
+        *,
+        send_at: Any = None,
+        expires_at: Any = None,
+    ) -> list[Dispatch]:
+        """The unsaved dispatches store() writes (all created at the same moment)."""
+        now = timezone.now()
+        return [
+            Dispatch(
+                message=message_model,
+                messenger=r.messenger,
+                recipient=r.user,
+                address=r.address,
+                next_attempt_at=next_attempt_at,
+                send_at=send_at,
+                expires_at=expires_at,
+                time_created=now,
+            )
+            for r in recipients
+        ]
 
     @classmethod
     def create(cls, message_model: Message, recipients: Any) -> list[Dispatch]:

@@ -15,6 +15,7 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,7 +28,7 @@ from messengers.exceptions import ScheduleError
 from messengers.registry import get_registered_messenger_object
 from workers import broker
 
-from . import conf
+from . import conf, storing
 from .messages import (
     MessageBase,
     PlainTextMessage,
@@ -109,7 +110,14 @@ def schedule(
     # A later dispatch waits for the sweep, which publishes what is due by next_attempt_at.
     next_attempt_at = send_at if later else now + republish_after()
     to_publish: list[tuple[int, str, int]] = []
-    with transaction.atomic():
+    # One message to recipients is one atomic statement on PostgreSQL: no BEGIN, no COMMIT.
+    alone = (
+        recipients is not None
+        and len(message_objs) == 1
+        and not message_objs[0].group_mark
+        and storing.atomic_alone()
+    )
+    with nullcontext() if alone else transaction.atomic():
         for message, context in zip(message_objs, contexts, strict=True):
             if recipients is None or message.group_mark:
                 message.context = context
@@ -123,20 +131,21 @@ def schedule(
                     pk__in=[d.pk for d in dispatches], next_attempt_at__isnull=True
                 ).update(next_attempt_at=next_attempt_at)
                 continue
-            message_model = Message.objects.create(
+            message_model = Message(
                 cls=message.get_alias(),
                 context=context,
                 sender=sender,
                 priority=message.priority if priority is None else priority,
                 dispatches_ready=True,
             )
-            dispatches = Dispatch.store(
+            dispatches = Dispatch.build(
                 message_model,
                 recipient_list,
                 next_attempt_at,
                 send_at=send_at,
                 expires_at=expires_at,
             )
+            storing.store(message_model, dispatches)
             if not later:
                 to_publish += [(d.pk, d.messenger, message_model.priority) for d in dispatches]
             created.append(MessageTuple(message_model, dispatches))
