@@ -95,6 +95,8 @@ cat <<MSG
 
 sitemessage is running (logs in $VAR/log/, Ctrl-C stops everything):
   admin       http://127.0.0.1:$WEB_PORT/admin/  (user admin, password in $VAR/admin-password)
+  dashboard   http://127.0.0.1:$WEB_PORT/admin/sitemessage/dispatch/dashboard/
+  metrics     http://127.0.0.1:$WEB_PORT/metrics  (a staff session, or SITEMESSAGE_METRICS_TOKEN)
   Flower      http://127.0.0.1:$FLOWER_PORT/  (user admin, password in $VAR/flower-credentials)
   workers     sitemessage (schedule, sweep) and one per messenger, with its urgent lane: $lanes
   e-mail      the smtp messenger delivers to a local SMTP sink on 127.0.0.1:$EMAIL_PORT;
