@@ -203,7 +203,17 @@ def claim_waiting(alias: str, owner: str, now: datetime, room: int) -> int:
     same batch instead of one task each; the tasks that carry their ids then claim nothing.
     Rows another run is claiming right now are skipped (SKIP LOCKED where the database has
     it), so workers do not queue behind each other; the claim itself stays the one UPDATE that
-    only a PENDING row passes."""
+    only a PENDING row passes. On PostgreSQL that is one statement (the rows are picked and
+    locked in its subquery), sent as one round trip in autocommit: a worker's claim is on
+    the latency path of every message."""
+    lease_expires_at = now + timedelta(seconds=conf.LEASE_SECONDS.get())
+    db = connections[router.db_for_write(Dispatch)]
+    if db.vendor == "postgresql":
+        params: list[Any] = [alias, Status.PENDING, now, room]
+        params += [Status.PROCESSING, owner, lease_expires_at, task_of(owner), Status.PENDING]
+        with db.cursor() as cursor:
+            cursor.execute(_claim_waiting_sql(db.alias), params)
+            return int(cursor.rowcount)
     with transaction.atomic():
         waiting = Dispatch.objects.filter(
             Q(send_at__isnull=True) | Q(send_at__lte=now),
@@ -220,10 +230,26 @@ def claim_waiting(alias: str, owner: str, now: datetime, room: int) -> int:
         return Dispatch.objects.filter(pk__in=pks, dispatch_status=Status.PENDING).update(
             dispatch_status=Status.PROCESSING,
             lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=conf.LEASE_SECONDS.get()),
+            lease_expires_at=lease_expires_at,
             retry_count=F("retry_count") + 1,
             task_id=task_of(owner),
         )
+
+
+@functools.cache
+def _claim_waiting_sql(db: str) -> str:
+    table = connections[db].ops.quote_name(Dispatch._meta.db_table)
+    # Only the model's own table and column names go in; every value is a parameter.
+    # The rows are picked once, in a materialized CTE: as an IN (subquery) the planner may run
+    # the LIMIT again per row and take more than the room.
+    return (
+        f"WITH picked AS MATERIALIZED (SELECT id FROM {table} "  # noqa: S608
+        "WHERE messenger = %s AND dispatch_status = %s AND (send_at IS NULL OR send_at <= %s) "
+        "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
+        f"UPDATE {table} AS d SET dispatch_status = %s, lease_owner = %s, "
+        "lease_expires_at = %s, retry_count = d.retry_count + 1, task_id = %s "
+        "FROM picked WHERE d.id = picked.id AND d.dispatch_status = %s"
+    )
 
 
 def fail_expired(dispatches: list[Dispatch], owner: str, now: datetime) -> list[Dispatch]:

@@ -22,6 +22,7 @@ from tests.support import purge
 from workers import broker
 
 pytestmark = [
+    pytest.mark.pg,  # the claim of waiting rows differs on PostgreSQL
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(
         broker._bells() is None, reason="doorbells need a Redis broker (RabbitMQ: a task each)"

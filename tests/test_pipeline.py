@@ -407,6 +407,7 @@ def test_pending_rows_whose_queue_is_empty_are_published_again_after_one_sweep(s
     assert sweep.sweep()["published"] == 0 and len(scripted.published) == 1 and fresh
 
 
+@pytest.mark.pg  # PostgreSQL claims waiting rows in one statement of its own
 def test_a_workers_task_also_claims_the_dispatches_waiting_up_to_a_batch(scripted, settings):
     settings.SITEMESSAGE_BATCH_SIZE = 4
     ids = schedule(["a", "b", "c", "d", "e", "f"])
