@@ -444,9 +444,11 @@ def publish_dispatches(
     (published first), else the normal one, also for a row without a priority. Returns the ids
     it could not publish (the broker is down: they stay pending for the sweep).
 
-    ``doorbell`` (newly scheduled rows): publish nothing for a messenger whose doorbell is
-    pending (SITEMESSAGE_DOORBELL_SECONDS, see workers.broker). The sweep and the admin publish
-    rows whose task may be lost, so they always publish."""
+    ``doorbell`` (newly scheduled rows of the normal lane): publish nothing for a messenger
+    whose doorbell is pending (SITEMESSAGE_DOORBELL_SECONDS, see workers.broker). An urgent row
+    always gets its task: a worker claims waiting rows oldest first, so one left to a doorbell
+    would wait behind a backlog of the normal lane. The sweep and the admin publish rows whose
+    task may be lost, so they always publish."""
     urgent: dict[str, list[int]] = defaultdict(list)
     normal: dict[str, list[int]] = defaultdict(list)
     for pk, alias, *priority in rows:
@@ -455,7 +457,7 @@ def publish_dispatches(
     seconds = conf.DOORBELL_SECONDS.get() if doorbell else 0
     unpublished = []
     if urgent:
-        unpublished += broker.enqueue(urgent, batch_size, urgent=True, doorbell=seconds)
+        unpublished += broker.enqueue(urgent, batch_size, urgent=True)
     if normal:
         unpublished += broker.enqueue(normal, batch_size, doorbell=seconds)
     return unpublished

@@ -48,9 +48,9 @@ def bell(registries, settings) -> Any:
     settings.SITEMESSAGE_DOORBELL_SECONDS = 10
     messenger = Bell()
     register_messenger_objects(messenger)
-    purge([QUEUE])  # also clears its doorbells
+    purge([QUEUE, QUEUE + ".urgent"])  # also clears their doorbells
     yield messenger
-    purge([QUEUE])
+    purge([QUEUE, QUEUE + ".urgent"])
 
 
 def schedule_one(address: str) -> int:
@@ -164,3 +164,15 @@ def test_the_sweep_and_the_admin_publish_even_while_a_doorbell_waits(bell):
     assert waiting_tasks() == 1
     toolbox.publish_dispatches([(lost, "bell")])
     assert waiting_tasks() == 2
+
+
+def test_an_urgent_call_always_publishes_its_own_task(bell, settings):
+    """A worker claims waiting rows oldest first: an urgent row left to a doorbell would wait
+    behind the normal lane's backlog, which its lane exists to skip."""
+    settings.SITEMESSAGE_URGENT_PRIORITY = 10
+    for address in "abc":
+        toolbox.schedule(
+            PlainTextMessage("code"), toolbox.recipients("bell", [address]), priority=10
+        )
+    lanes = broker.queue_lengths([QUEUE, QUEUE + ".urgent"])
+    assert lanes == {QUEUE: 0, QUEUE + ".urgent": 3}
