@@ -20,9 +20,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
-from common import ROOT, VAR_ROOT, configure_django
+from common import ROOT, VAR_ROOT, configure_django, fresh_postgres
 
 PG_URL = os.environ.get("BENCH_ADMIN_PG_URL", "postgres://postgres@127.0.0.1:5432/bench_admin_page")
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/11")
@@ -37,16 +36,7 @@ def fresh_database(db: str) -> str:
         for leftover in path.parent.glob("db.sqlite3*"):
             leftover.unlink()
         return f"sqlite:///{path}"
-    import psycopg
-
-    url = urlsplit(PG_URL)
-    name = url.path.lstrip("/")
-    if not name.startswith("bench_"):
-        raise ValueError(f"BENCH_ADMIN_PG_URL: {name!r} would be dropped; name one bench_...")
-    with psycopg.connect(url._replace(path="/postgres").geturl(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return PG_URL
+    return fresh_postgres(PG_URL, "BENCH_ADMIN_PG_URL")
 
 
 def median_ms(action: Callable[[], object]) -> float:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiosmtpd.smtp import SMTP
 
@@ -48,6 +49,21 @@ VAR_ROOT = Path(os.environ.get("SITEMESSAGE_VAR_DIR", ROOT / "var" / "bench")).r
 MB = 1024 * 1024
 SENDER = "bench@localhost"
 SUBJECT, TEXT = "Bench", "Numbers are up."
+
+
+def fresh_postgres(url: str, variable: str) -> str:
+    """Drops and creates the PostgreSQL database of ``url`` (its name must start with
+    ``bench_``: ``variable`` names the setting to change otherwise); returns ``url``."""
+    import psycopg
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not name.startswith("bench_"):
+        raise ValueError(f"{variable}: {name!r} would be dropped; name one bench_...")
+    with psycopg.connect(parts._replace(path="/postgres").geturl(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url
 
 
 def free_port() -> int:

@@ -71,6 +71,7 @@ from bench.common import (
     deliver_bulk,
     deliver_singles,
     email,
+    fresh_postgres,
     memory,
     percentile,
     purge_smtp_queues,
@@ -374,16 +375,7 @@ def prepare_services(config: Config) -> str:
             )
     if config.db == "sqlite":
         return f"sqlite:///{config.run_dir / 'db.sqlite3'}"
-    import psycopg
-
-    url = urlsplit(PG_URL)
-    name = url.path.lstrip("/")
-    if not name.startswith("bench_"):
-        raise ValueError(f"BENCH_PG_URL: {name!r} would be dropped; name one bench_...")
-    with psycopg.connect(url._replace(path="/postgres").geturl(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return PG_URL
+    return fresh_postgres(PG_URL, "BENCH_PG_URL")
 
 
 def failed(row: int, what: str, bench: Bench, exc: Exception) -> Line:

@@ -142,17 +142,20 @@ def _sqlite_sql(db: str) -> str:
     )
 
 
-def _columns(model: type[Any]) -> list[Any]:
+@functools.cache
+def _columns(model: type[Any]) -> tuple[Any, ...]:
     """The concrete fields an INSERT writes: all but the auto primary key."""
-    return [f for f in model._meta.concrete_fields if not f.primary_key]
+    return tuple(f for f in model._meta.concrete_fields if not f.primary_key)
 
 
-def _constant_fields() -> list[Any]:
-    return [f for f in _columns(Dispatch) if f.name not in (*PER_RECIPIENT, "message")]
+@functools.cache
+def _constant_fields() -> tuple[Any, ...]:
+    return tuple(f for f in _columns(Dispatch) if f.name not in (*PER_RECIPIENT, "message"))
 
 
-def _per_recipient_fields() -> list[Any]:
-    return [Dispatch._meta.get_field(name) for name in PER_RECIPIENT]
+@functools.cache
+def _per_recipient_fields() -> tuple[Any, ...]:
+    return tuple(Dispatch._meta.get_field(name) for name in PER_RECIPIENT)
 
 
 def _cast_type(field: Any, connection: Any) -> str:
