@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -132,6 +133,7 @@ class Sink:
     ) -> list[str]:
         self._sessions.value += 1
         session.host_name = hostname
+        responses.insert(-1, "250-PIPELINING")  # as most servers do (RFC 2920)
         return responses
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -181,24 +183,40 @@ def prebuilt(address: str, text: str = TEXT) -> bytes:
     return email.as_bytes()
 
 
-def send_prebuilt(port: int, recipients: list[str], ready: Any) -> None:
+def send_prebuilt(port: int, recipients: list[str], ready: Any, pipelined: bool) -> None:
     """One smtplib connection sending pre-built messages, from when every sender is connected
-    (``ready``, a barrier): the baseline's body, in a process of its own."""
+    (``ready``, a barrier): the baseline's body, in a process of its own. ``pipelined``: MAIL,
+    RCPT and DATA as one group (RFC 2920), else smtplib's sendmail(), four round trips."""
     messages = [(address, prebuilt(address)) for address in recipients]
     with smtplib.SMTP("127.0.0.1", port) as conn:
+        conn.ehlo()
         ready.wait()
         for address, data in messages:
-            conn.sendmail(SENDER, [address], data)
+            if not pipelined:
+                conn.sendmail(SENDER, [address], data)
+                continue
+            conn.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{address}>\r\nDATA\r\n".encode())
+            replies = [conn.getreply()[0] for _ in range(3)]
+            if replies != [250, 250, 354]:
+                raise smtplib.SMTPException(f"the sink replied {replies}")
+            conn.send(_DOT_AT_LINE_START.sub(b"..", data).rstrip(b"\r\n") + b"\r\n.\r\n")
+            if conn.getreply()[0] != 250:
+                raise smtplib.SMTPException("the sink refused a message")
 
 
-def smtp_rate(sink: Sink, connections: int, count: int) -> float:
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
+
+
+def smtp_rate(sink: Sink, connections: int, count: int, pipelined: bool = False) -> float:
     """Messages per second of ``connections`` smtplib connections in parallel, each in its own
     process with its share of ``count`` pre-built messages: from the moment all are connected
     to the last arrival. One connection is the baseline; several measure the sink's ceiling."""
     share = count // connections
     ready = SPAWN.Barrier(connections + 1)
     senders = [
-        SPAWN.Process(target=send_prebuilt, args=(sink.port, addresses(share, f"b{i}-"), ready))
+        SPAWN.Process(
+            target=send_prebuilt, args=(sink.port, addresses(share, f"b{i}-"), ready, pipelined)
+        )
         for i in range(connections)
     ]
     for sender in senders:

@@ -9,8 +9,10 @@ throughput rows 1 and 2), real `celery -A workers worker` processes, on SQLite (
 run) and PostgreSQL (a fresh database per run); services and directories: bench/common.py. Each
 database and broker runs in a process of its own, whose environment its workers share.
 
-0. Baseline: one smtplib connection sending pre-built messages; the sink's ceiling: 2 and 4
-   such connections in parallel, each in its own process.
+0. Baseline: one smtplib connection sending pre-built messages (sendmail(), as the issue sets
+   it), and for reference the same connection pipelining MAIL, RCPT and DATA (RFC 2920); the
+   sink offers PIPELINING, as most servers do, and the workers use it. The sink's ceiling: 2
+   and 4 pipelining connections in parallel, each in its own process.
 1. Bulk: one schedule_messages() call to N addresses, call -> the sink has all; 1, 2 and 4
    worker processes. 2 processes >= 0.9x baseline; 4 faster than 2 unless the sink is the limit
    (4 processes at >= 0.9x the sink's ceiling).
@@ -447,23 +449,21 @@ def measure_baseline(sink: Sink, sizes: Sizes) -> tuple[list[Line], float, float
     """Row 0: the baseline's lines, its rate and the sink's ceiling."""
     n, rounds = sizes.bulk, range(sizes.rounds)
     baseline = Stat.of(smtp_rate(sink, 1, n) for _ in rounds)
-    parallel = {c: Stat.of(smtp_rate(sink, c, n) for _ in rounds) for c in (2, 4)}
+    pipelined = Stat.of(smtp_rate(sink, 1, n, pipelined=True) for _ in rounds)
+    parallel = {c: Stat.of(smtp_rate(sink, c, n, pipelined=True) for _ in rounds) for c in (2, 4)}
     ceiling = max(stat.median for stat in parallel.values())
     lines = [
-        Line(
-            0,
-            f"baseline: smtplib, 1 connection, {n:,}",
-            "pre-built messages",
-            baseline,
-            "msg/s",
-            1.0,
-        )
-    ]
+        Line(0, f"baseline: smtplib, 1 connection, {n:,}", "pre-built messages", baseline,
+             "msg/s", 1.0),
+        # For reference: the workers pipeline when the server offers it, as the sink does.
+        Line(0, "  the same with PIPELINING", "pre-built messages", pipelined, "msg/s",
+             pipelined.median / baseline.median),
+    ]  # fmt: skip
     lines += [
         Line(
             0,
             f"sink ceiling: {c} connections",
-            "pre-built, a process each",
+            "pipelining, a process each",
             stat,
             "msg/s",
             stat.median / baseline.median,

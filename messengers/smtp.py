@@ -8,6 +8,7 @@ import secrets
 import smtplib
 import ssl
 import time
+from collections.abc import Callable
 from email.utils import formatdate, make_msgid, parseaddr
 from typing import TYPE_CHECKING, Any
 
@@ -230,10 +231,12 @@ class SMTPMessenger(MessengerBase):
         assert self._conn is not None
         on_trust, self._on_trust = self._on_trust, False
         try:
-            self._conn.sendmail(sender, [envelope_to], data)
+            _sendmail(self._conn, sender, envelope_to, data)
             self._answered_at = time.monotonic()
         except smtplib.SMTPRecipientsRefused as exc:
             code, reply = exc.recipients.get(envelope_to, (451, b"recipient refused"))
+            if code == 421:  # smtplib closed the connection: the next e-mail opens a new one
+                self._drop()
             raise _smtp_error(code, reply, self.alias, dispatch_id) from exc
         except smtplib.SMTPResponseException as exc:
             if exc.smtp_code == 421:  # the server is closing the channel
@@ -416,6 +419,74 @@ class _SharedBody:
         if any(data.count(line) != 1 for line in lines):
             return None  # encoded differently after all: not safe to replace
         return sender, data
+
+
+def _sendmail(conn: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:
+    """smtplib's sendmail() for one recipient, with MAIL, RCPT and DATA sent as one group when
+    the server offers PIPELINING (RFC 2920, as most servers do): two round trips per e-mail
+    instead of four, which halves the time per e-mail on a server some milliseconds away.
+    Raises what sendmail() raises for the same replies; after a refusal the session is reset,
+    after a 421 the connection is closed."""
+    conn.ehlo_or_helo_if_needed()
+    if not conn.has_extn("pipelining"):
+        conn.sendmail(sender, [to], data)
+        return
+    size = f" SIZE={len(data)}" if conn.has_extn("size") else ""
+    group = f"MAIL FROM:{_angle(sender)}{size}\r\nRCPT TO:{_angle(to)}\r\nDATA\r\n".encode("ascii")
+    # Ready before the group goes: once DATA is open, nothing but the content may fail.
+    content = _DOT_AT_LINE_START.sub(b"..", data)  # dot-stuffing, as smtplib.SMTP.data() does
+    content += b".\r\n" if content.endswith(b"\r\n") else b"\r\n.\r\n"
+    conn.send(group)
+    # Every reply of the group is read, in order, whatever the first ones said (RFC 2920).
+    mail = _reply(conn, lambda code, text: smtplib.SMTPSenderRefused(code, text, sender))
+    rcpt = _reply(conn, lambda code, text: smtplib.SMTPRecipientsRefused({to: (code, text)}))
+    go = _reply(conn, smtplib.SMTPDataError)
+    refused = mail[0] != 250 or rcpt[0] not in (250, 251)
+    if go[0] == 354 and refused:  # a server that opened DATA anyway: end it with no content
+        conn.send(b".\r\n")
+        _reply(conn, smtplib.SMTPDataError)
+    if mail[0] != 250:
+        _rset(conn)
+        raise smtplib.SMTPSenderRefused(*mail, sender)
+    if rcpt[0] not in (250, 251):
+        _rset(conn)
+        raise smtplib.SMTPRecipientsRefused({to: rcpt})
+    if go[0] != 354:
+        _rset(conn)
+        raise smtplib.SMTPDataError(*go)
+    conn.send(content)
+    code, text = _reply(conn, smtplib.SMTPDataError)
+    if code != 250:
+        _rset(conn)
+        raise smtplib.SMTPDataError(code, text)
+
+
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
+#: A bare address: what the messenger hands _sendmail() (ascii_address()) nearly always.
+_BARE_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@[A-Za-z0-9.\-]+")
+
+
+def _angle(address: str) -> str:
+    """``<address>`` for MAIL and RCPT, as smtplib.quoteaddr() gives, without parsing a bare
+    address (parsing was a tenth of a worker's time per e-mail)."""
+    return f"<{address}>" if _BARE_ADDRESS.fullmatch(address) else smtplib.quoteaddr(address)
+
+
+def _reply(conn: smtplib.SMTP, error: Callable[[int, bytes], Exception]) -> tuple[int, bytes]:
+    """The next reply; a 421 (the server is closing the channel) closes the connection and
+    raises ``error``, since no further reply will come."""
+    code, text = conn.getreply()
+    if code == 421:
+        conn.close()
+        raise error(code, text)
+    return code, text
+
+
+def _rset(conn: smtplib.SMTP) -> None:
+    try:
+        conn.rset()
+    except smtplib.SMTPServerDisconnected:
+        pass  # sendmail() leaves the same to the next command
 
 
 def _header_line(name: str, value: str) -> bytes:

@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class SMTPSink:
-    """Collects what the server accepted; ``reject`` maps addresses to SMTP replies."""
+    """Collects what the server accepted; ``reject`` maps addresses to SMTP replies. It offers
+    PIPELINING, as most servers do; set ``pipelining`` False for one that does not."""
+
+    pipelining = True
 
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
@@ -36,6 +39,8 @@ class SMTPSink:
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.sessions += 1
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
