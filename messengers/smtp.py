@@ -80,6 +80,7 @@ class SMTPMessenger(MessengerBase):
         #: whether the next e-mail goes on it unchecked because of that (see _deliver).
         self._answered_at = float("-inf")
         self._on_trust = False
+        self._templates = _Templates()
 
     def _opt(self, name: str) -> Any:
         value = self._options[name]
@@ -354,20 +355,27 @@ _MAX_LINE = 78
 
 
 class _SharedBody:
-    """The e-mails of one message whose recipients get the same body: the e-mail is built and
-    encoded once, with stand-ins for what differs per recipient (To, Message-ID, Date,
-    List-Unsubscribe), which are then replaced in its bytes. Building and encoding an e-mail
-    (Django's message(), then as_bytes()) was about a third of a worker's time per dispatch.
-    The bytes are those the e-mail built for the recipient would have, folding of long header
-    lines included (a test compares them); anything else (an address or a link that is not
-    plain ASCII, a type that builds its own e-mail) is built the usual way."""
+    """The e-mails of one message, built from a template: one e-mail built and encoded with
+    stand-ins for what differs per recipient (To, Message-ID, Date, List-Unsubscribe) and for
+    the body, which are then replaced in its bytes. Building and encoding an e-mail (Django's
+    message(), then as_bytes()) was a third of a worker's time per dispatch, and half of it for
+    a one-recipient message. The templates are kept by the messenger per type, subject, sender
+    and unsubscribe scheme (see _Templates), so a stream of one-recipient messages of one type
+    builds its template once. The bytes are those the e-mail built for the recipient would
+    have, folding of long header lines included (a test compares them); anything else (an
+    address or a link that is not plain ASCII, a line the e-mail package would encode, a type
+    that builds its own e-mail) is built the usual way."""
 
     def __init__(
         self, messenger: SMTPMessenger, message_cls: type[MessageBase], message_model: Message
     ) -> None:
         self.messenger, self.message_cls, self.message_model = messenger, message_cls, message_model
-        self.usable = getattr(message_cls, "build_email", None) is None
-        self.templates: dict[tuple[str, str], tuple[str, bytes] | None] = {}
+        self.usable = (
+            getattr(message_cls, "build_email", None) is None
+            and settings.DEFAULT_CHARSET == "utf-8"  # the body encoding _body_bytes() writes
+        )
+        self.subject = str((message_model.context or {}).get("subject") or "")
+        self.body: tuple[str, bytes | None] | None = None  # the last body and its bytes
 
     def prepare(self, dispatch: Dispatch) -> tuple[str, str, str, bytes] | None:
         """(Message-ID, envelope sender, envelope recipient, bytes) for the dispatch; None:
@@ -379,32 +387,39 @@ class _SharedBody:
         message_id = self.messenger._message_id(self.message_model, dispatch)
         if not all(_PLAIN.fullmatch(value) for value in (dispatch.address, message_id, url or "-")):
             return None
+        if self.body is None or self.body[0] != dispatch.message_cache:
+            self.body = (dispatch.message_cache, _body_bytes(dispatch.message_cache))
+        body = self.body[1]
+        if body is None:
+            return None
         scheme = url.partition("://")[0] if url else ""
-        key = (dispatch.message_cache, scheme)
-        if key not in self.templates:
-            self.templates[key] = self._template(dispatch.message_cache, scheme)
-        template = self.templates[key]
+        key = (self.message_cls, self.subject, str(self.messenger._opt("from_email")), scheme)
+        template = self.messenger._templates.get((*key, body.isascii()), self._template)
         if template is None:
             return None
-        sender, data = template
-        data = (
-            data.replace(_header_line("To", _TO), _header_line("To", dispatch.address))
+        sender, head, tail = template
+        head = (
+            head.replace(_header_line("To", _TO), _header_line("To", dispatch.address))
             .replace(_header_line("Message-ID", _ID), _header_line("Message-ID", message_id))
             .replace(_DATE.encode(), formatdate(localtime=settings.EMAIL_USE_LOCALTIME).encode())
         )
         if scheme:
             stand_in = f"<{scheme}{_UNSUBSCRIBE}>"
-            data = data.replace(
+            head = head.replace(
                 _header_line("List-Unsubscribe", stand_in),
                 _header_line("List-Unsubscribe", f"<{url}>"),
             )
-        return message_id, sender, dispatch.address, data
+        return message_id, sender, dispatch.address, head + body + tail
 
-    def _template(self, body: str, scheme: str) -> tuple[str, bytes] | None:
+    def _template(self, key: tuple[Any, ...]) -> tuple[str, bytes, bytes] | None:
+        """(envelope sender, bytes before the body, bytes after it) of the e-mail with the
+        stand-ins; None when it did not encode as expected."""
+        *_, scheme, ascii_body = key
+        stand_in = _BODY if ascii_body else _BODY_8BIT
         email = self.messenger._compose(
             self.message_cls,
             self.message_model,
-            body,
+            stand_in,
             _TO,
             {"Date": _DATE, "Message-ID": _ID},
             f"{scheme}{_UNSUBSCRIBE}" if scheme else None,
@@ -416,9 +431,48 @@ class _SharedBody:
         lines = [_header_line("To", _TO), _header_line("Message-ID", _ID), _DATE.encode()]
         if scheme:
             lines.append(_header_line("List-Unsubscribe", f"<{scheme}{_UNSUBSCRIBE}>"))
-        if any(data.count(line) != 1 for line in lines):
+        body = stand_in.encode()
+        if any(data.count(line) != 1 for line in [*lines, body]):
             return None  # encoded differently after all: not safe to replace
-        return sender, data
+        head, _, tail = data.partition(body)
+        if any(line not in head for line in lines):
+            return None
+        return sender, head, tail
+
+
+class _Templates:
+    """The templates of _SharedBody, kept for the life of the messenger: a bounded map (a
+    worker sees few types and subjects; past the bound it starts over)."""
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[Any, ...], tuple[str, bytes, bytes] | None] = {}
+
+    def get(
+        self,
+        key: tuple[Any, ...],
+        build: Callable[[tuple[Any, ...]], tuple[str, bytes, bytes] | None],
+    ) -> tuple[str, bytes, bytes] | None:
+        if key not in self.entries:
+            if len(self.entries) >= self.LIMIT:
+                self.entries.clear()
+            self.entries[key] = build(key)
+        return self.entries[key]
+
+
+def _body_bytes(text: str) -> bytes | None:
+    """The bytes Django's e-mail gives a utf-8 body: its lines ended with CRLF, as UTF-8
+    (Content-Transfer-Encoding 7bit or 8bit); None when it would be quoted-printable instead
+    (a line over RFC 5322's 998 bytes, tested as Django's SafeMIMEText tests it)."""
+    if any(len(line.encode(errors="surrogateescape")) > 998 for line in text.splitlines()):
+        return None
+    return _LINE_END.sub("\r\n", text).encode("utf-8", errors="surrogateescape")
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")  # the e-mail package's line ends (NLCRE)
+_BODY = f"b{_TOKEN}"
+_BODY_8BIT = f"b{_TOKEN}\u00e9"  # not ASCII: the e-mail's Content-Transfer-Encoding is 8bit
 
 
 def _sendmail(conn: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:

@@ -33,7 +33,13 @@ ADDRESSES = ["a@example.com", "x" * 40 + "@" + "d" * 29 + ".com", "x" * 41 + "@"
              "x" * 60 + "@" + "d" * 60 + ".com", "o'neil+tag@sub.example.co.uk"]  # fmt: skip
 URLS = ["", None, 42, "http://example.com/u/1", "https://ex.com/" + "a" * 43,
         "https://ex.com/" + "a" * 44, "https://example.com/u/" + "t" * 150 + "?x=1&y=%20"]  # fmt: skip
-BODIES = ["Numbers are up.\nSee you.", "Zoë's café: ½ price. " * 20, "x" * 2000, ""]
+# Bodies go into one template per type, subject and sender (7bit and 8bit): line ends of every
+# kind, dots and "From " at line starts, the longest line that stays unencoded (998 bytes).
+BODIES = ["Numbers are up.\nSee you.", "Zoë's café: ½ price. " * 20, "", "ends\n",
+          "crlf\r\nand cr\rand lf\n\n\nmore\r\n", "From here\n.dot\n..\n>From", "tab\tend ",
+          "x" * 998, "é" * 499, "ü\r\n" * 3 + "\u2028 line separator"]  # fmt: skip
+#: Built the usual way: a line over 998 bytes makes Django encode the body quoted-printable.
+ENCODED = ["x" * 999, "é" * 500, "ok\n" + "y" * 2000]
 
 
 @pytest.mark.parametrize("cls", [EmailTextMessage, EmailHtmlMessage])
@@ -47,7 +53,7 @@ BODIES = ["Numbers are up.\nSee you.", "Zoë's café: ½ price. " * 20, "x" * 20
     ],
 )
 def test_the_shared_bytes_are_the_bytes_of_each_recipients_own_email(cls, sender):
-    messenger = SMTPMessenger(from_email=sender, host="127.0.0.1")
+    messenger = SMTPMessenger(from_email=sender, host="127.0.0.1")  # its templates: all bodies
     message = Message(pk=7, cls=cls.alias, context={"subject": "Grüße, Bericht Nr. 5"})
     for body in BODIES:
         shared = _SharedBody(messenger, cls, message)
@@ -85,3 +91,28 @@ def test_a_type_that_builds_its_own_email_is_never_shared():
     assert (
         _SharedBody(messenger, Own, message).prepare(dispatch_for(message, 1, "a@b.c", "")) is None
     )
+
+
+@pytest.mark.parametrize("body", ENCODED)
+def test_a_body_django_would_encode_quoted_printable_is_built_the_usual_way(body):
+    messenger = SMTPMessenger(from_email="noreply@example.com", host="127.0.0.1")
+    message = Message(pk=7, cls="email_plain", context={"subject": "s"})
+    dispatch = dispatch_for(message, 1, "a@example.com", body)
+    assert _SharedBody(messenger, EmailTextMessage, message).prepare(dispatch) is None
+    email = the_usual_way(messenger, EmailTextMessage, message, dispatch)
+    assert b"Content-Transfer-Encoding: quoted-printable" in email  # so not our 8bit bytes
+
+
+def test_messages_of_one_type_share_a_template_per_subject():
+    messenger = SMTPMessenger(from_email="noreply@example.com", host="127.0.0.1")
+    sent = []
+    for pk, subject in enumerate(["Your code", "Your code", "Ihr Code: ä", "Your code"], start=1):
+        message = Message(pk=pk, cls="email_plain", context={"subject": subject})
+        dispatch = dispatch_for(message, 100 + pk, f"u{pk}@example.com", f"code {pk}\n")
+        prepared = _SharedBody(messenger, EmailTextMessage, message).prepare(dispatch)
+        assert prepared is not None
+        expected = the_usual_way(messenger, EmailTextMessage, message, dispatch)
+        assert DATE.sub(b"", prepared[3]) == DATE.sub(b"", expected)
+        sent.append(prepared[3])
+    assert len(messenger._templates.entries) == 2  # two subjects, one 7bit body each
+    assert b"code 4" in sent[3] and b"code 1" not in sent[3]
