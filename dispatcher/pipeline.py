@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -39,7 +40,7 @@ from django.db import (
     transaction,
 )
 from django.db.backends.signals import connection_created
-from django.db.models import F, Q
+from django.db.models import F, Q, prefetch_related_objects
 from django.utils import timezone
 
 from messengers.base import Outcome, outcome_listener, record_outcome, unmarked, warm_up
@@ -159,9 +160,30 @@ def claim(
     """Takes the claimable rows among ``dispatch_ids`` for ``owner``, and those a dead process
     of this host held for the same run (see take_back); returns them, less those that expired
     (see fail_expired). With ``waiting``, also other due rows (claim_waiting), and
-    ``result.more`` says whether they filled the batch. A row whose ``send_at`` is still ahead is not claimable: a task that
-    arrives early sends nothing, and the sweep publishes the row when it is due."""
+    ``result.more`` says whether they filled the batch. A row whose ``send_at`` is still ahead
+    is not claimable: a task that arrives early sends nothing, and the sweep publishes the row
+    when it is due."""
     now = timezone.now()
+    db = connections[router.db_for_write(Dispatch)]
+    if waiting and db.vendor == "postgresql":
+        dispatches = _claim_in_one_statement(db.alias, alias, dispatch_ids, owner, now, result)
+    else:
+        dispatches = _claim_in_steps(alias, dispatch_ids, owner, now, waiting, result)
+    # One Message object per message, not one copy of its context per dispatch.
+    messages = Message.objects.in_bulk({d.message_id for d in dispatches})
+    for dispatch in dispatches:
+        dispatch.message = messages[dispatch.message_id]
+    return fail_expired(dispatches, owner, now)
+
+
+def _claim_in_steps(
+    alias: str,
+    dispatch_ids: list[int],
+    owner: str,
+    now: datetime,
+    waiting: bool,
+    result: BatchResult | None,
+) -> list[Dispatch]:
     claimable = Dispatch.objects.filter(pk__in=dispatch_ids, messenger=alias).filter(
         Q(dispatch_status=Status.PENDING)
         | Q(dispatch_status=Status.ERROR, next_attempt_at__lte=now),
@@ -183,17 +205,82 @@ def claim(
         if result is not None:
             result.more = int(extra == room)
     logger.debug("%s: claimed %d for %d ids", alias, taken, len(dispatch_ids))
+    return _held_by(owner, None if waiting else dispatch_ids)
+
+
+def _held_by(owner: str, dispatch_ids: list[int] | None) -> list[Dispatch]:
     mine = Dispatch.objects.filter(dispatch_status=Status.PROCESSING, lease_owner=owner)
-    dispatches = list(
-        (mine if waiting else mine.filter(pk__in=dispatch_ids))
-        .select_related("recipient")
-        .order_by("message_id", "pk")
+    if dispatch_ids is not None:
+        mine = mine.filter(pk__in=dispatch_ids)
+    return list(mine.select_related("recipient").order_by("message_id", "pk"))
+
+
+def _claim_in_one_statement(
+    db: str,
+    alias: str,
+    dispatch_ids: list[int],
+    owner: str,
+    now: datetime,
+    result: BatchResult | None,
+) -> list[Dispatch]:
+    """A worker's claim on PostgreSQL (what _claim_in_steps does, with ``waiting``) as one
+    statement that returns the claimed rows: the ids, the other due rows up to a batch (room
+    for all the ids is kept, whether or not they are claimable), and the rows other processes
+    hold for this run, which only then go to take_back. A lone task's claim took four round
+    trips to the database, each on the latency path of its message; a task whose ids another
+    worker already sent took three to claim nothing."""
+    expires = now + timedelta(seconds=conf.LEASE_SECONDS.get())
+    room = max(conf.BATCH_SIZE.get() - len(dispatch_ids), 0)
+    parts = owner.split(":", 2)
+    run = parts[2] if len(parts) == 3 else None
+    # LIKE's own characters escaped; no lease_owner() name: a pattern no lease owner matches.
+    held = "%:" + re.sub(r"([\\%_])", r"\\\1", run) if run else ""
+    claimed = [Status.PROCESSING, owner, expires, task_of(owner)]
+    params: list[Any] = [*claimed, dispatch_ids, alias, Status.PENDING, Status.ERROR, now, now]
+    params += [alias, Status.PENDING, now, dispatch_ids, room, *claimed, Status.PENDING]
+    params += [alias, Status.PROCESSING, held, owner]
+    rows = list(Dispatch.objects.db_manager(db).raw(_claim_sql(db), params))
+    kinds = [getattr(row, "claim_kind") for row in rows]  # noqa: B009 (the raw SQL's column)
+    dispatches = [row for row, kind in zip(rows, kinds, strict=True) if kind != _HELD]
+    extra = kinds.count(_WAITING)
+    if result is not None and room:
+        result.more = int(extra == room)
+    if len(dispatches) < len(rows) and take_back(alias, None, owner, now):
+        return _held_by(owner, None)  # rare: a dead process's rows came back
+    prefetch_related_objects(dispatches, "recipient")
+    dispatches.sort(key=lambda d: (d.message_id, d.pk))
+    logger.debug("%s: claimed %d for %d ids", alias, len(dispatches), len(dispatch_ids))
+    return dispatches
+
+
+_BY_ID, _WAITING, _HELD = 1, 2, 3
+
+
+@functools.cache
+def _claim_sql(db: str) -> str:
+    table = connections[db].ops.quote_name(Dispatch._meta.db_table)
+    claim = (
+        "SET dispatch_status = %s, lease_owner = %s, lease_expires_at = %s, "
+        "retry_count = d.retry_count + 1, task_id = %s"
     )
-    # One Message object per message, not one copy of its context per dispatch.
-    messages = Message.objects.in_bulk({d.message_id for d in dispatches})
-    for dispatch in dispatches:
-        dispatch.message = messages[dispatch.message_id]
-    return fail_expired(dispatches, owner, now)
+    # Only the model's own table and column names go in; every value is a parameter. The
+    # waiting rows are picked once, in a materialized CTE: as an IN (subquery) the planner may
+    # run the LIMIT again per row and take more than the room.
+    return (
+        f"WITH by_id AS (UPDATE {table} AS d {claim} "  # noqa: S608
+        "WHERE d.id = ANY(%s::bigint[]) AND d.messenger = %s AND (d.dispatch_status = %s "
+        "OR (d.dispatch_status = %s AND d.next_attempt_at <= %s)) "
+        "AND (d.send_at IS NULL OR d.send_at <= %s) RETURNING d.*), "
+        f"picked AS MATERIALIZED (SELECT id FROM {table} "
+        "WHERE messenger = %s AND dispatch_status = %s AND (send_at IS NULL OR send_at <= %s) "
+        "AND id <> ALL(%s::bigint[]) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED), "
+        f"waiting AS (UPDATE {table} AS d {claim} FROM picked "
+        "WHERE d.id = picked.id AND d.dispatch_status = %s RETURNING d.*), "
+        f"held AS (SELECT * FROM {table} WHERE messenger = %s AND dispatch_status = %s "
+        "AND lease_owner LIKE %s AND lease_owner <> %s) "
+        f"SELECT {_BY_ID} AS claim_kind, * FROM by_id "
+        f"UNION ALL SELECT {_WAITING}, * FROM waiting UNION ALL SELECT {_HELD}, * FROM held"
+    )
 
 
 def claim_waiting(alias: str, owner: str, now: datetime, room: int) -> int:
@@ -203,17 +290,9 @@ def claim_waiting(alias: str, owner: str, now: datetime, room: int) -> int:
     same batch instead of one task each; the tasks that carry their ids then claim nothing.
     Rows another run is claiming right now are skipped (SKIP LOCKED where the database has
     it), so workers do not queue behind each other; the claim itself stays the one UPDATE that
-    only a PENDING row passes. On PostgreSQL that is one statement (the rows are picked and
-    locked in its subquery), sent as one round trip in autocommit: a worker's claim is on
-    the latency path of every message."""
+    only a PENDING row passes. (On PostgreSQL a worker's claim is one statement with this in
+    it: _claim_in_one_statement.)"""
     lease_expires_at = now + timedelta(seconds=conf.LEASE_SECONDS.get())
-    db = connections[router.db_for_write(Dispatch)]
-    if db.vendor == "postgresql":
-        params: list[Any] = [alias, Status.PENDING, now, room]
-        params += [Status.PROCESSING, owner, lease_expires_at, task_of(owner), Status.PENDING]
-        with db.cursor() as cursor:
-            cursor.execute(_claim_waiting_sql(db.alias), params)
-            return int(cursor.rowcount)
     with transaction.atomic():
         waiting = Dispatch.objects.filter(
             Q(send_at__isnull=True) | Q(send_at__lte=now),
@@ -234,22 +313,6 @@ def claim_waiting(alias: str, owner: str, now: datetime, room: int) -> int:
             retry_count=F("retry_count") + 1,
             task_id=task_of(owner),
         )
-
-
-@functools.cache
-def _claim_waiting_sql(db: str) -> str:
-    table = connections[db].ops.quote_name(Dispatch._meta.db_table)
-    # Only the model's own table and column names go in; every value is a parameter.
-    # The rows are picked once, in a materialized CTE: as an IN (subquery) the planner may run
-    # the LIMIT again per row and take more than the room.
-    return (
-        f"WITH picked AS MATERIALIZED (SELECT id FROM {table} "  # noqa: S608
-        "WHERE messenger = %s AND dispatch_status = %s AND (send_at IS NULL OR send_at <= %s) "
-        "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
-        f"UPDATE {table} AS d SET dispatch_status = %s, lease_owner = %s, "
-        "lease_expires_at = %s, retry_count = d.retry_count + 1, task_id = %s "
-        "FROM picked WHERE d.id = picked.id AND d.dispatch_status = %s"
-    )
 
 
 def fail_expired(dispatches: list[Dispatch], owner: str, now: datetime) -> list[Dispatch]:

@@ -455,6 +455,37 @@ def test_a_redelivered_task_takes_back_what_its_dead_run_claimed_beyond_its_ids(
     assert (result.claimed, result.sent) == (2, 2)
 
 
+@pytest.mark.pg  # there the rows of a run are found with LIKE
+def test_a_run_id_with_like_wildcards_takes_back_only_its_own_rows(scripted):
+    ids = schedule(["other run's", "mine"])
+    host = pipeline.lease_owner("x").split(":")[0]
+    Dispatch.objects.filter(pk=ids[0]).update(
+        dispatch_status=Status.PROCESSING,
+        lease_owner=f"{host}:{dead_pid()}:taskX1",  # "task_1" as a LIKE pattern matches it
+        lease_expires_at=timezone.now() + timedelta(minutes=5),
+    )
+    result = pipeline.deliver("scripted", [ids[1]], pipeline.lease_owner("task_1"), waiting=True)
+    assert (result.claimed, result.sent) == (1, 1)
+    assert rows([ids[0]])[0].dispatch_status == Status.PROCESSING  # left to its lease
+
+
+@pytest.mark.pg  # a worker's claim is one statement there
+def test_a_workers_task_reads_and_claims_in_one_round_trip_on_postgresql(scripted):
+    if connection.vendor != "postgresql":
+        pytest.skip("the claim in one statement is PostgreSQL's (make test runs it there)")
+    [first] = schedule(["a"])
+    [second] = schedule(["b"])
+    with CaptureQueriesContext(connection) as queries:
+        result = pipeline.deliver("scripted", [first], pipeline.lease_owner("t1"), waiting=True)
+    assert (result.claimed, result.sent) == (2, 2)  # its id and the one waiting
+    statements = [q["sql"].split()[0] for q in queries.captured_queries]
+    # The claim, the messages, the opt-outs of the batch, then one UPDATE per SENT.
+    assert statements == ["WITH", "SELECT", "SELECT", "UPDATE", "UPDATE"], statements
+    with CaptureQueriesContext(connection) as queries:  # the task that carries the other id
+        result = pipeline.deliver("scripted", [second], pipeline.lease_owner("t2"), waiting=True)
+    assert result.claimed == 0 and len(queries.captured_queries) == 1
+
+
 @pytest.mark.pg
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("value", ["off", None])
