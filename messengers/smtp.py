@@ -394,6 +394,8 @@ class _SharedBody:
             return None
         scheme = url.partition("://")[0] if url else ""
         key = (self.message_cls, self.subject, str(self.messenger._opt("from_email")), scheme)
+        if type(self.messenger)._compose is not SMTPMessenger._compose:
+            key += (self.message_model.pk,)  # a subclass's e-mail may differ per message
         template = self.messenger._templates.get((*key, body.isascii()), self._template)
         if template is None:
             return None

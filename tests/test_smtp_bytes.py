@@ -116,3 +116,18 @@ def test_messages_of_one_type_share_a_template_per_subject():
         sent.append(prepared[3])
     assert len(messenger._templates.entries) == 2  # two subjects, one 7bit body each
     assert b"code 4" in sent[3] and b"code 1" not in sent[3]
+
+
+def test_a_messenger_that_composes_its_own_way_keeps_a_template_per_message():
+    class Tagged(SMTPMessenger):
+        def _compose(self, message_cls, message_model, *args):
+            email = super()._compose(message_cls, message_model, *args)
+            email.extra_headers["X-Campaign"] = str(message_model.pk)
+            return email
+
+    messenger = Tagged(from_email="noreply@example.com", host="127.0.0.1")
+    for pk in (1, 2):
+        message = Message(pk=pk, cls="email_plain", context={"subject": "same"})
+        dispatch = dispatch_for(message, 10 + pk, "a@example.com", "same body")
+        prepared = _SharedBody(messenger, EmailTextMessage, message).prepare(dispatch)
+        assert prepared is not None and f"X-Campaign: {pk}\r\n".encode() in prepared[3]
