@@ -393,10 +393,18 @@ class _SharedBody:
         if body is None:
             return None
         scheme = url.partition("://")[0] if url else ""
-        key = (self.message_cls, self.subject, str(self.messenger._opt("from_email")), scheme)
+        key: tuple[Any, ...] = (
+            self.message_cls,
+            self.subject,
+            str(self.messenger._opt("from_email")),
+            scheme,
+        )
         if type(self.messenger)._compose is not SMTPMessenger._compose:
             key += (self.message_model.pk,)  # a subclass's e-mail may differ per message
-        template = self.messenger._templates.get((*key, body.isascii()), self._template)
+        ascii_body = body.isascii()
+        template = self.messenger._templates.get(
+            (*key, ascii_body), lambda: self._template(scheme, ascii_body)
+        )
         if template is None:
             return None
         sender, head, tail = template
@@ -413,10 +421,9 @@ class _SharedBody:
             )
         return message_id, sender, dispatch.address, head + body + tail
 
-    def _template(self, key: tuple[Any, ...]) -> tuple[str, bytes, bytes] | None:
+    def _template(self, scheme: str, ascii_body: bool) -> tuple[str, bytes, bytes] | None:
         """(envelope sender, bytes before the body, bytes after it) of the e-mail with the
         stand-ins; None when it did not encode as expected."""
-        *_, scheme, ascii_body = key
         stand_in = _BODY if ascii_body else _BODY_8BIT
         email = self.messenger._compose(
             self.message_cls,
@@ -452,14 +459,12 @@ class _Templates:
         self.entries: dict[tuple[Any, ...], tuple[str, bytes, bytes] | None] = {}
 
     def get(
-        self,
-        key: tuple[Any, ...],
-        build: Callable[[tuple[Any, ...]], tuple[str, bytes, bytes] | None],
+        self, key: tuple[Any, ...], build: Callable[[], tuple[str, bytes, bytes] | None]
     ) -> tuple[str, bytes, bytes] | None:
         if key not in self.entries:
             if len(self.entries) >= self.LIMIT:
                 self.entries.clear()
-            self.entries[key] = build(key)
+            self.entries[key] = build()
         return self.entries[key]
 
 

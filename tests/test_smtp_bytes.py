@@ -126,8 +126,10 @@ def test_a_messenger_that_composes_its_own_way_keeps_a_template_per_message():
             return email
 
     messenger = Tagged(from_email="noreply@example.com", host="127.0.0.1")
-    for pk in (1, 2):
+    for pk, url in ((1, ""), (2, ""), (3, "https://example.com/u/3")):
         message = Message(pk=pk, cls="email_plain", context={"subject": "same"})
-        dispatch = dispatch_for(message, 10 + pk, "a@example.com", "same body")
+        dispatch = dispatch_for(message, 10 + pk, "a@example.com", "same body", url)
         prepared = _SharedBody(messenger, EmailTextMessage, message).prepare(dispatch)
         assert prepared is not None and f"X-Campaign: {pk}\r\n".encode() in prepared[3]
+        expected = the_usual_way(messenger, EmailTextMessage, message, dispatch)
+        assert DATE.sub(b"", prepared[3]) == DATE.sub(b"", expected)
