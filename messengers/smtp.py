@@ -387,8 +387,9 @@ class _SharedBody:
         message_id = self.messenger._message_id(self.message_model, dispatch)
         if not all(_PLAIN.fullmatch(value) for value in (dispatch.address, message_id, url or "-")):
             return None
-        if self.body is None or self.body[0] != dispatch.message_cache:
-            self.body = (dispatch.message_cache, _body_bytes(dispatch.message_cache))
+        text = dispatch.message_cache or ""  # as Django's EmailMessage takes a body of None
+        if self.body is None or self.body[0] != text:
+            self.body = (text, _body_bytes(text))
         body = self.body[1]
         if body is None:
             return None
