@@ -374,7 +374,11 @@ class _SharedBody:
             getattr(message_cls, "build_email", None) is None
             and settings.DEFAULT_CHARSET == "utf-8"  # the body encoding _body_bytes() writes
         )
-        self.subject = str((message_model.context or {}).get("subject") or "")
+        #: What the template depends on besides the dispatch's scheme and body kind.
+        subject = str((message_model.context or {}).get("subject") or "")
+        self.key: tuple[Any, ...] = (message_cls, subject, str(messenger._opt("from_email")))
+        if type(messenger)._compose is not SMTPMessenger._compose:
+            self.key += (message_model.pk,)  # a subclass's e-mail may differ per message
         self.body: tuple[str, bytes | None] | None = None  # the last body and its bytes
 
     def prepare(self, dispatch: Dispatch) -> tuple[str, str, str, bytes] | None:
@@ -394,17 +398,9 @@ class _SharedBody:
         if body is None:
             return None
         scheme = url.partition("://")[0] if url else ""
-        key: tuple[Any, ...] = (
-            self.message_cls,
-            self.subject,
-            str(self.messenger._opt("from_email")),
-            scheme,
-        )
-        if type(self.messenger)._compose is not SMTPMessenger._compose:
-            key += (self.message_model.pk,)  # a subclass's e-mail may differ per message
         ascii_body = body.isascii()
         template = self.messenger._templates.get(
-            (*key, ascii_body), lambda: self._template(scheme, ascii_body)
+            (*self.key, scheme, ascii_body), lambda: self._template(scheme, ascii_body)
         )
         if template is None:
             return None
