@@ -80,7 +80,14 @@ def test_settings_override_the_class_rate():
 
 
 def test_processes_share_one_schedule():
-    """Two limiters (as in two worker processes) on one key: 21 slots at 50/s take >= 0.4 s."""
+    """Two limiters (as in two worker processes) on one key: 21 slots at 50/s, spaced 20 ms.
+
+    Only the server's slot times are exact; a thread sees its slot some time after it was
+    taken (scheduling jitter on a loaded machine). So the test bounds what it observes from
+    below, which jitter cannot break: the k-th slot taken is at least k intervals after the
+    start, whichever thread took it. A burst fails at k=1, two unshared schedules (10 ms
+    apart in all) at k=20.
+    """
     alias = f"bench-{uuid.uuid4().hex[:8]}"
     taken: list[float] = []
 
@@ -91,14 +98,18 @@ def test_processes_share_one_schedule():
             taken.append(time.monotonic())
 
     threads = [threading.Thread(target=take, args=(n,)) for n in (11, 10)]
+    start = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
     assert len(taken) == 21
-    assert max(taken) - min(taken) >= 0.4 - 0.01
-    gaps = [b - a for a, b in zip(sorted(taken), sorted(taken)[1:], strict=False)]
-    assert min(gaps) > 0.015  # spaced, not in bursts
+    late = [
+        (k, round(t - start, 4))
+        for k, t in enumerate(sorted(taken))
+        if t - start < k * 0.02 - 0.001
+    ]
+    assert not late, f"slots taken sooner than 20 ms apart: {late}"
 
 
 def test_no_slot_before_the_deadline_takes_none():
