@@ -30,12 +30,12 @@ lint: install ## ruff, mypy, and the import layering (import-linter; contracts i
 
 # The whole suite on SQLite + Redis, then the end-to-end tests again on PostgreSQL, and the
 # end-to-end and fault tests on RabbitMQ. Services this target started are stopped at the end.
-test: install ## Lint, then all tests (SQLite+Redis; e2e again on PostgreSQL, e2e+faults on RabbitMQ)
+test: install ## Lint, then all tests (SQLite+Redis; e2e+faults again on PostgreSQL and on RabbitMQ)
 	scripts/services.sh start redis postgres rabbitmq prosody chromium
 	status=0; \
 	$(MAKE) --no-print-directory lint || status=$$?; \
 	[ $$status -eq 0 ] && { $(BIN)/pytest || status=$$?; }; \
-	[ $$status -eq 0 ] && { DATABASE_URL=$(PG_URL) $(BIN)/pytest -m "e2e or pg" || status=$$?; }; \
+	[ $$status -eq 0 ] && { DATABASE_URL=$(PG_URL) $(BIN)/pytest -m "e2e or pg or faults" || status=$$?; }; \
 	[ $$status -eq 0 ] && { CELERY_BROKER_URL=$(AMQP_URL) SITEMESSAGE_VAR_DIR=var/amqp \
 		$(BIN)/pytest -m "e2e or faults" || status=$$?; }; \
 	scripts/services.sh stop; exit $$status

@@ -76,7 +76,7 @@ def main() -> None:
         for start in range(0, args.n, size):
             batch = ids[start : start + 1] if args.ones else ids[start : start + size]
             owner = pipeline.lease_owner(f"inprocess-{start}")
-            pipeline.deliver("smtp", batch, owner, waiting=args.ones)
+            pipeline.deliver("smtp", batch, owner, waiting=True)  # as a worker's task does
         if profile:
             profile.disable()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -47,7 +47,7 @@ from messengers.base import Outcome, outcome_listener, record_outcome, unmarked,
 from messengers.exceptions import UnknownMessengerError
 from messengers.registry import get_registered_messenger_object
 
-from . import conf, metrics
+from . import conf, inflight, metrics
 from .messages import MessageBase, get_registered_message_type, retry_limit
 from .models import Dispatch, DispatchError, Message, OptOut
 from .ratelimit import RateLimiter
@@ -115,7 +115,7 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = Fal
     recorder.result.claimed = len(dispatches)
     if not dispatches:
         return recorder.result
-    token = outcome_listener.set(recorder.add)
+    token = outcome_listener.set(recorder)
     keeper = LeaseKeeper(owner)
     try:
         try:
@@ -128,6 +128,7 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = Fal
             for dispatch in dispatches:
                 record_outcome(dispatch, Outcome("failed", error))
             return recorder.result
+        recorder.overlap = _can_overlap(messenger)
         try:
             warm_up(messenger)
         except Exception as exc:
@@ -139,6 +140,7 @@ def deliver(alias: str, dispatch_ids: list[int], owner: str, waiting: bool = Fal
             sendable = _without_opted_out(messenger, dispatches)
             for _, group in groupby(sendable, key=lambda d: d.message_id):
                 _send_message(messenger, list(group), limiter)
+                recorder.settle()  # the next message is rendered: its templates may query
         for dispatch in unmarked(dispatches):
             messenger.mark_error(
                 dispatch, f"messenger {alias} returned without marking the dispatch"
@@ -451,6 +453,13 @@ class LeaseKeeper:
             self.thread.join()
 
 
+def _can_overlap(messenger: Any) -> bool:
+    """Whether SENT marks may be sent ahead for this messenger (see Recorder)."""
+    if not getattr(messenger, "settles_outcomes", False):
+        return False
+    return inflight.supported(connections[router.db_for_write(Dispatch)])
+
+
 def _send_message(messenger: Any, dispatches: list[Dispatch], limiter: RateLimiter | None) -> None:
     message_model = dispatches[0].message
     try:
@@ -548,7 +557,12 @@ def _send(
 
 class Recorder:
     """Persists outcomes while the batch is being sent, only while this run still owns the rows:
-    SENT at once, the others in chunks of SITEMESSAGE_OUTCOME_CHUNK."""
+    SENT at once, the others in chunks of SITEMESSAGE_OUTCOME_CHUNK.
+
+    With ``overlap`` (a messenger that calls settle_outcomes() before each delivery, on
+    PostgreSQL), a SENT mark is sent without waiting for its answer, which is read when the
+    messenger settles before the next delivery, or before any other query: one mark at most is
+    in flight, and it is stored before the next message goes out."""
 
     def __init__(self, owner: str, alias: str) -> None:
         self.owner = owner
@@ -557,6 +571,11 @@ class Recorder:
         self.result = BatchResult()
         self.chunk = conf.OUTCOME_CHUNK.get()
         self.clock = time.perf_counter()
+        self.overlap = False
+        self.in_flight: tuple[Dispatch, inflight.InFlight] | None = None
+
+    def __call__(self, dispatch: Dispatch) -> None:
+        self.add(dispatch)
 
     def add(self, dispatch: Dispatch) -> None:
         # The messenger's time for this dispatch: since the previous outcome, or the start.
@@ -572,10 +591,38 @@ class Recorder:
 
     def _write_sent(self, dispatch: Dispatch) -> None:
         apply_outcome(dispatch, dispatch.outcome, timezone.now())
+        self.settle()
+        if self.overlap:
+            try:
+                self.in_flight = (dispatch, send_sent(dispatch, self.owner))
+                return
+            except Exception as exc:  # a broken connection: the usual write retries it
+                logger.debug("SENT mark of dispatch %s not sent ahead: %r", dispatch.pk, exc)
+        self._count(dispatch, self._write_again(dispatch))
+
+    def _write_again(self, dispatch: Dispatch) -> int:
+        """write_sent(), retried while the database is unavailable. A write whose answer was
+        lost may have been stored: a row found SENT at this dispatch's own sent_at is ours."""
         owned = with_db_retry(lambda: write_sent(dispatch, self.owner))
-        self._count(dispatch, owned)
+        if owned:
+            return owned
+        return int(
+            Dispatch.objects.filter(
+                pk=dispatch.pk, dispatch_status=Status.SENT, sent_at=dispatch.sent_at
+            ).exists()
+        )
+
+    def settle(self) -> None:
+        """Waits for the SENT mark in flight, if any; one that failed is written again."""
+        if self.in_flight is None:
+            return
+        dispatch, write = self.in_flight
+        self.in_flight = None
+        owned = write.rowcount()
+        self._count(dispatch, self._write_again(dispatch) if owned is None else owned)
 
     def flush(self) -> None:
+        self.settle()
         pending, self.pending = self.pending, []
         if not pending:
             return
@@ -627,14 +674,22 @@ def write_sent(dispatch: Dispatch, owner: str) -> int:
     """Stores a SENT outcome (set on ``dispatch`` by apply_outcome) if ``owner`` still holds
     the row; returns the number of rows written (0 or 1). One prepared UPDATE: it is written
     once per delivered dispatch, and building it with the ORM cost more than running it."""
+    db, sql, params = _sent_statement(dispatch, owner)
+    with db.cursor() as cursor:
+        cursor.execute(sql, params)
+        return int(cursor.rowcount)
+
+
+def send_sent(dispatch: Dispatch, owner: str) -> inflight.InFlight:
+    """write_sent()'s statement, sent without waiting for its answer (PostgreSQL)."""
+    return inflight.InFlight(*_sent_statement(dispatch, owner))
+
+
+def _sent_statement(dispatch: Dispatch, owner: str) -> tuple[Any, str, list[Any]]:
     db = connections[router.db_for_write(Dispatch)]
     fields = _fields_of(tuple(outcome_fields(dispatch)))
     params = [field.get_db_prep_save(getattr(dispatch, field.attname), db) for field in fields]
-    with db.cursor() as cursor:
-        cursor.execute(
-            _sent_sql(db.alias, fields), [*params, dispatch.pk, Status.PROCESSING, owner]
-        )
-        return int(cursor.rowcount)
+    return db, _sent_sql(db.alias, fields), [*params, dispatch.pk, Status.PROCESSING, owner]
 
 
 @functools.cache

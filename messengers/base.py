@@ -95,6 +95,12 @@ class MessengerBase:
     #: ``'1000/h'``; None: no limit. SITEMESSAGE_MESSENGERS can override it per deployment.
     rate_limit: str | None = None
 
+    #: True for a messenger that calls settle_outcomes() before each delivery it makes and
+    #: queries no database in send(): the pipeline may then store a SENT mark while the next
+    #: message is being prepared. False (the default): each mark is stored before mark_sent()
+    #: returns.
+    settles_outcomes: bool = False
+
     @classmethod
     def get_alias(cls) -> str:
         return cls.alias or cls.__name__
@@ -270,6 +276,16 @@ def record_outcome(dispatch: Any, outcome: Outcome) -> None:
     listener = outcome_listener.get()
     if listener is not None:
         listener(dispatch)
+
+
+def settle_outcomes() -> None:
+    """Waits until the outcomes marked so far are stored. A messenger with
+    ``settles_outcomes`` calls it just before it hands the next message over for good (for
+    SMTP: before the content, once the server has opened DATA), so at most the message being
+    delivered lacks its SENT record should the process die (README's delivery guarantees)."""
+    settle = getattr(outcome_listener.get(), "settle", None)
+    if settle is not None:
+        settle()
 
 
 def alias_of(messenger: Any) -> str:

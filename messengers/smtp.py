@@ -18,7 +18,7 @@ from django.core.mail import EmailMessage
 from django.core.mail.utils import DNS_NAME
 from django.core.validators import validate_email
 
-from .base import MessengerBase, tls_context
+from .base import MessengerBase, settle_outcomes, tls_context
 from .exceptions import InvalidAddressError, PermanentDeliveryError, TemporaryDeliveryError
 
 if TYPE_CHECKING:
@@ -47,6 +47,11 @@ class SMTPMessenger(MessengerBase):
     alias = "smtp"
     title = "E-mail"
     address_attr = "email"
+
+    @property
+    def settles_outcomes(self) -> bool:  # type: ignore[override]
+        # A subclass's code may query the database or send without settle_outcomes().
+        return type(self) is SMTPMessenger
 
     def __init__(
         self,
@@ -132,7 +137,11 @@ class SMTPMessenger(MessengerBase):
     ) -> None:
         self._ensure_connection()
         shared = _SharedBody(self, message_cls, message_model)
+        # A type's own build_email() may query the database: it runs with no write in flight.
+        settle_first = getattr(message_cls, "build_email", None) is not None
         for dispatch in dispatch_models:
+            if settle_first:
+                settle_outcomes()
             try:
                 prepared = shared.prepare(dispatch)
                 if prepared is None:
@@ -487,6 +496,7 @@ def _sendmail(conn: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:
     after a 421 the connection is closed."""
     conn.ehlo_or_helo_if_needed()
     if not conn.has_extn("pipelining"):
+        settle_outcomes()
         conn.sendmail(sender, [to], data)
         return
     size = f" SIZE={len(data)}" if conn.has_extn("size") else ""
@@ -512,6 +522,7 @@ def _sendmail(conn: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:
     if go[0] != 354:
         _rset(conn)
         raise smtplib.SMTPDataError(*go)
+    settle_outcomes()  # the previous e-mail's SENT mark is stored before this one goes
     conn.send(content)
     code, text = _reply(conn, smtplib.SMTPDataError)
     if code != 250:
