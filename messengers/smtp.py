@@ -139,23 +139,41 @@ class SMTPMessenger(MessengerBase):
         shared = _SharedBody(self, message_cls, message_model)
         # A type's own build_email() may query the database: it runs with no write in flight.
         settle_first = getattr(message_cls, "build_email", None) is not None
-        for dispatch in dispatch_models:
-            if settle_first:
-                settle_outcomes()
-            try:
-                prepared = shared.prepare(dispatch)
-                if prepared is None:
-                    email = self._build(message_cls, message_model, dispatch)
-                    encoded = self._encode(email, dispatch.address, dispatch.pk)
-                    prepared = (_header(email, "Message-ID"), *encoded)
-                message_id, sender, envelope_to, data = prepared
-                self._transmit(sender, envelope_to, data, dispatch.pk)
-            except (TemporaryDeliveryError, PermanentDeliveryError) as error:
-                self.mark_exception(dispatch, error)
+        stream = _Stream(self)
+        try:
+            for dispatch in dispatch_models:
+                if settle_first:
+                    settle_outcomes()
                 if self._conn is None:  # the connection died: reconnect for the next dispatch
                     self._ensure_connection()
-            else:
-                self.mark_sent(dispatch, provider_id=message_id)
+                try:
+                    prepared = shared.prepare(dispatch)
+                    if prepared is None:
+                        email = self._build(message_cls, message_model, dispatch)
+                        encoded = self._encode(email, dispatch.address, dispatch.pk)
+                        prepared = (_header(email, "Message-ID"), *encoded)
+                    message_id, sender, envelope_to, data = prepared
+                    if self._pipelines():
+                        stream.add(dispatch, message_id, sender, envelope_to, data)
+                        continue
+                    self._transmit(sender, envelope_to, data, dispatch.pk)
+                except (TemporaryDeliveryError, PermanentDeliveryError) as error:
+                    self.mark_exception(dispatch, error)
+                else:
+                    self.mark_sent(dispatch, provider_id=message_id)
+            stream.close()
+        except BaseException:
+            stream.abandon()
+            raise
+
+    def _pipelines(self) -> bool:
+        """Whether the open connection offers PIPELINING (asking EHLO first if not done)."""
+        assert self._conn is not None
+        try:
+            self._conn.ehlo_or_helo_if_needed()
+        except (smtplib.SMTPException, OSError):
+            return False  # _transmit() meets the same error and handles it
+        return bool(self._conn.has_extn("pipelining"))
 
     def _test_message(self, to: str, text: str) -> str:
         email = EmailMessage("Test message from sitemessage", text, self._opt("from_email"), [to])
@@ -243,28 +261,35 @@ class SMTPMessenger(MessengerBase):
         try:
             _sendmail(self._conn, sender, envelope_to, data)
             self._answered_at = time.monotonic()
-        except smtplib.SMTPRecipientsRefused as exc:
+        except Exception as exc:
+            error = self._failure(exc, envelope_to, dispatch_id)
+            if on_trust and _lost(exc):  # reused without a NOOP, and it had died: again
+                self._ensure_connection()
+                return self._transmit(sender, envelope_to, data, dispatch_id)
+            raise error from exc
+
+    def _failure(self, exc: Exception, envelope_to: str, dispatch_id: int | None) -> Exception:
+        """The Temporary- or PermanentDeliveryError for what sending one e-mail raised; closes
+        the connection when it is no longer usable, resets the session when it stopped inside
+        a transaction, so the next e-mail starts clean."""
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
             code, reply = exc.recipients.get(envelope_to, (451, b"recipient refused"))
             if code == 421:  # smtplib closed the connection: the next e-mail opens a new one
                 self._drop()
-            raise _smtp_error(code, reply, self.alias, dispatch_id) from exc
-        except smtplib.SMTPResponseException as exc:
+            return _smtp_error(code, reply, self.alias, dispatch_id)
+        if isinstance(exc, smtplib.SMTPResponseException):
             if exc.smtp_code == 421:  # the server is closing the channel
                 self._drop()
-            raise _smtp_error(exc.smtp_code, exc.smtp_error, self.alias, dispatch_id) from exc
-        except (smtplib.SMTPException, OSError) as exc:
+            return _smtp_error(exc.smtp_code, exc.smtp_error, self.alias, dispatch_id)
+        if _lost(exc):
             self._drop()
-            if on_trust:  # reused without a NOOP, and it had died: the same on a fresh one
-                self._ensure_connection()
-                return self._transmit(sender, envelope_to, data, dispatch_id)
-            raise TemporaryDeliveryError(
+            return TemporaryDeliveryError(
                 f"SMTP connection lost: {exc!r}", alias=self.alias, dispatch_id=dispatch_id
-            ) from exc
-        except Exception as exc:  # smtplib stopped mid-transaction (MAIL FROM already sent)
-            self._reset()
-            raise TemporaryDeliveryError(
-                f"SMTP transaction failed: {exc!r}", alias=self.alias, dispatch_id=dispatch_id
-            ) from exc
+            )
+        self._reset()  # smtplib stopped mid-transaction (MAIL FROM already sent)
+        return TemporaryDeliveryError(
+            f"SMTP transaction failed: {exc!r}", alias=self.alias, dispatch_id=dispatch_id
+        )
 
     def _reset(self) -> None:
         """Ends a half-done transaction (RSET); a connection that does not answer is dropped."""
@@ -361,6 +386,124 @@ _UNSUBSCRIBE = f"://p.invalid/u{_TOKEN}"
 _PLAIN = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@:\[\]()<>-]+")
 #: Longest header line the e-mail package writes on one line (RFC 5322's recommended 78).
 _MAX_LINE = 78
+
+
+class _Stream:
+    """The e-mails of one send() on a connection that offers PIPELINING, back to back: the
+    content of one goes in the same write as the next one's MAIL, RCPT and DATA (RFC 2920 lets
+    the content open a group), so an e-mail costs one round trip instead of two. A content goes
+    only after settle_outcomes(): the SENT mark of the e-mail before it is stored first."""
+
+    def __init__(self, messenger: SMTPMessenger) -> None:
+        self.messenger = messenger
+        #: The e-mail whose DATA is open and whose content has not gone yet.
+        self.held: tuple[Dispatch, str, str, bytes] | None = None
+
+    def add(
+        self,
+        dispatch: Dispatch,
+        message_id: str,
+        sender: str,
+        to: str,
+        data: bytes,
+        again: bool = True,
+    ) -> None:
+        """Sends the held content, if any, with this e-mail's group, marks the held e-mail by
+        its reply, and holds this one once the server opened DATA for it. This e-mail's
+        content has not gone when the connection dies here: it is sent once more on a new
+        connection."""
+        messenger = self.messenger
+        conn = messenger._conn
+        assert conn is not None
+        messenger._on_trust = False  # a dead connection is met below, and this e-mail resent
+        held, self.held = self.held, None
+        group = _group(conn, sender, to, data)
+        try:
+            if held is not None:
+                settle_outcomes()
+                conn.send(held[3] + group)
+                self._answer(held)
+            else:
+                conn.send(group)
+            if messenger._conn is None:  # it ended with the held e-mail's reply
+                raise smtplib.SMTPServerDisconnected("closed after the previous e-mail")
+            _open_data(conn, sender, to)
+        except Exception as exc:
+            if held is not None and not _marked(held[0]):
+                self._lost(held, exc)  # the write failed: the held content may have gone
+            error = messenger._failure(exc, to, dispatch.pk)
+            if again and _lost(exc):
+                self._again(dispatch, message_id, sender, to, data)
+            else:
+                messenger.mark_exception(dispatch, error)
+            return
+        messenger._answered_at = time.monotonic()
+        self.held = (dispatch, message_id, to, _content(data))
+
+    def close(self) -> None:
+        """Sends the held content and marks its e-mail by the reply."""
+        held, self.held = self.held, None
+        if held is None:
+            return
+        assert self.messenger._conn is not None
+        settle_outcomes()
+        try:
+            self.messenger._conn.send(held[3])
+        except OSError as exc:
+            self._lost(held, exc)
+            return
+        self._answer(held)
+
+    def abandon(self) -> None:
+        """An error out of send(): the held e-mail stays unmarked (the pipeline marks it with
+        that error) and its open DATA ends with the connection."""
+        if self.held is not None:
+            self.held = None
+            self.messenger._drop()
+
+    def _answer(self, held: tuple[Dispatch, str, str, bytes]) -> None:
+        """Reads the reply to a held content and marks its e-mail; a lost connection or a 421
+        closes the connection."""
+        messenger = self.messenger
+        dispatch, message_id, to, _ = held
+        try:
+            assert messenger._conn is not None
+            code, text = _reply(messenger._conn, smtplib.SMTPDataError)
+        except Exception as exc:
+            messenger.mark_exception(dispatch, messenger._failure(exc, to, dispatch.pk))
+            return
+        if code == 250:
+            messenger._answered_at = time.monotonic()
+            messenger.mark_sent(dispatch, provider_id=message_id)
+        else:  # the transaction is over either way: the next group needs no RSET
+            messenger.mark_exception(
+                dispatch, _smtp_error(code, text, messenger.alias, dispatch.pk)
+            )
+
+    def _lost(self, held: tuple[Dispatch, str, str, bytes], exc: Exception) -> None:
+        self.messenger._drop()
+        self.messenger.mark_exception(
+            held[0],
+            TemporaryDeliveryError(
+                f"SMTP connection lost: {exc!r}", alias=self.messenger.alias, dispatch_id=held[0].pk
+            ),
+        )
+
+    def _again(
+        self, dispatch: Dispatch, message_id: str, sender: str, to: str, data: bytes
+    ) -> None:
+        """Sends an e-mail whose content has not gone on a new connection, once."""
+        messenger = self.messenger
+        try:
+            messenger._ensure_connection()
+            if not messenger._pipelines():
+                messenger._transmit(sender, to, data, dispatch.pk)
+                messenger.mark_sent(dispatch, provider_id=message_id)
+                return
+        except (TemporaryDeliveryError, PermanentDeliveryError) as error:
+            messenger.mark_exception(dispatch, error)
+            return
+        self.add(dispatch, message_id, sender, to, data, again=False)
 
 
 class _SharedBody:
@@ -499,12 +642,33 @@ def _sendmail(conn: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:
         settle_outcomes()
         conn.sendmail(sender, [to], data)
         return
-    size = f" SIZE={len(data)}" if conn.has_extn("size") else ""
-    group = f"MAIL FROM:{_angle(sender)}{size}\r\nRCPT TO:{_angle(to)}\r\nDATA\r\n".encode("ascii")
     # Ready before the group goes: once DATA is open, nothing but the content may fail.
-    content = _DOT_AT_LINE_START.sub(b"..", data)  # dot-stuffing, as smtplib.SMTP.data() does
-    content += b".\r\n" if content.endswith(b"\r\n") else b"\r\n.\r\n"
-    conn.send(group)
+    content = _content(data)
+    conn.send(_group(conn, sender, to, data))
+    _open_data(conn, sender, to)
+    settle_outcomes()  # the previous e-mail's SENT mark is stored before this one goes
+    conn.send(content)
+    code, text = _reply(conn, smtplib.SMTPDataError)
+    if code != 250:
+        _rset(conn)
+        raise smtplib.SMTPDataError(code, text)
+
+
+def _group(conn: smtplib.SMTP, sender: str, to: str, data: bytes) -> bytes:
+    """MAIL, RCPT and DATA for one e-mail, sent as one group (RFC 2920)."""
+    size = f" SIZE={len(data)}" if conn.has_extn("size") else ""
+    return f"MAIL FROM:{_angle(sender)}{size}\r\nRCPT TO:{_angle(to)}\r\nDATA\r\n".encode("ascii")
+
+
+def _content(data: bytes) -> bytes:
+    """The e-mail as it goes after DATA: dot-stuffed, as smtplib.SMTP.data() does, and ended."""
+    content = _DOT_AT_LINE_START.sub(b"..", data)
+    return content + (b".\r\n" if content.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+def _open_data(conn: smtplib.SMTP, sender: str, to: str) -> None:
+    """Reads the replies to a group of _group(); returns when DATA is open, else resets the
+    session and raises what sendmail() raises for the same replies."""
     # Every reply of the group is read, in order, whatever the first ones said (RFC 2920).
     mail = _reply(conn, lambda code, text: smtplib.SMTPSenderRefused(code, text, sender))
     rcpt = _reply(conn, lambda code, text: smtplib.SMTPRecipientsRefused({to: (code, text)}))
@@ -522,12 +686,16 @@ def _sendmail(conn: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:
     if go[0] != 354:
         _rset(conn)
         raise smtplib.SMTPDataError(*go)
-    settle_outcomes()  # the previous e-mail's SENT mark is stored before this one goes
-    conn.send(content)
-    code, text = _reply(conn, smtplib.SMTPDataError)
-    if code != 250:
-        _rset(conn)
-        raise smtplib.SMTPDataError(code, text)
+
+
+def _marked(dispatch: Dispatch) -> bool:
+    return getattr(dispatch, "outcome", None) is not None
+
+
+def _lost(exc: Exception) -> bool:
+    """Whether ``exc`` means the connection is gone (rather than a reply refusing something)."""
+    refusals = (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)
+    return isinstance(exc, OSError) and not isinstance(exc, refusals)
 
 
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
