@@ -61,9 +61,7 @@ def store(message: Message, dispatches: list[Dispatch]) -> None:
 
 def _on_postgresql(db: str, message: Message, dispatches: list[Dispatch]) -> None:
     connection = connections[db]
-    signalled = pre_save.has_listeners(Message) or post_save.has_listeners(Message)
-    if signalled:  # as Message.objects.create() would
-        pre_save.send(Message, instance=message, raw=False, using=db, update_fields=None)
+    signalled = _pre_save(db, message)
     params: list[Any] = _values(message, _columns(Message), connection)
     params += _values(dispatches[0], _constant_fields(), connection)
     params += [
@@ -75,23 +73,28 @@ def _on_postgresql(db: str, message: Message, dispatches: list[Dispatch]) -> Non
         rows = cursor.fetchall()
     _assign_ids(message, dispatches, rows)
     if signalled:
-        message._state.adding, message._state.db = False, db
-        post_save.send(
-            Message, instance=message, created=True, raw=False, using=db, update_fields=None
-        )
+        _post_save(db, message)
+
+
+def _pre_save(db: str, message: Message) -> bool:
+    """Sends pre_save for a message about to be inserted, as Message.objects.create() would;
+    returns whether anything listens to its save signals (then _post_save() follows)."""
+    signalled = pre_save.has_listeners(Message) or post_save.has_listeners(Message)
+    if signalled:
+        pre_save.send(Message, instance=message, raw=False, using=db, update_fields=None)
+    return signalled
+
+
+def _post_save(db: str, message: Message) -> None:
+    message._state.adding, message._state.db = False, db
+    post_save.send(Message, instance=message, created=True, raw=False, using=db, update_fields=None)
 
 
 @functools.cache
 def _postgresql_sql(db: str) -> str:
     connection = connections[db]
     quote = connection.ops.quote_name
-    message_fields = _columns(Message)
-    # Only the models' own table and column names go in; every value is a parameter.
-    insert_message = (
-        f"INSERT INTO {quote(Message._meta.db_table)} "  # noqa: S608
-        f"({', '.join(quote(f.column) for f in message_fields)}) "
-        f"VALUES ({', '.join(['%s'] * len(message_fields))}) RETURNING {quote('id')}"
-    )
+    insert_message = f"{_insert_sql(db)} RETURNING {quote('id')}"
     constant_fields, per_row = _constant_fields(), _per_recipient_fields()
     columns = [Dispatch._meta.get_field("message"), *per_row, *constant_fields]
     arrays = ", ".join(f"%s::{_cast_type(f, connection)}[]" for f in per_row)
@@ -110,8 +113,12 @@ def _postgresql_sql(db: str) -> str:
 
 def _on_sqlite(db: str, message: Message, dispatches: list[Dispatch]) -> None:
     connection = connections[db]
+    signalled = _pre_save(db, message)
     with transaction.atomic(using=db, savepoint=False):
-        message.save(using=db, force_insert=True)
+        # The message's INSERT as save() writes it, without the ORM building it each time.
+        with connection.cursor() as cursor:
+            cursor.execute(_insert_sql(db), _values(message, _columns(Message), connection))
+            message.pk = cursor.lastrowid
         per_row = _per_recipient_fields()
         recipients = json.dumps(
             [
@@ -124,6 +131,20 @@ def _on_sqlite(db: str, message: Message, dispatches: list[Dispatch]) -> None:
             cursor.execute(_sqlite_sql(db), params)
             rows = [(pk, message.pk, messenger, address) for pk, messenger, address in cursor]
     _assign_ids(message, dispatches, rows)
+    if signalled:
+        _post_save(db, message)
+
+
+@functools.cache
+def _insert_sql(db: str) -> str:
+    quote = connections[db].ops.quote_name
+    fields = _columns(Message)
+    # Only the model's own table and column names go in; every value is a parameter.
+    return (
+        f"INSERT INTO {quote(Message._meta.db_table)} "  # noqa: S608
+        f"({', '.join(quote(f.column) for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))})"
+    )
 
 
 @functools.cache
