@@ -67,6 +67,14 @@ def fresh_postgres(url: str, variable: str) -> str:
     return url
 
 
+def script_database(db: str, var: Path, name: str) -> str:
+    """The database URL of a bench script: a fresh PostgreSQL database ``bench_<name>`` next
+    to the suite's, or SQLite in ``var``."""
+    if db == "postgres":
+        return fresh_postgres(f"{PG_URL.rsplit('/', 1)[0]}/bench_{name}", "BENCH_PG_URL")
+    return f"sqlite:///{var / 'db.sqlite3'}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
-    PG_URL,
     REDIS_URL,
     VAR_ROOT,
     Sink,
@@ -24,7 +23,7 @@ from bench.common import (
     configure_django,
     deliver_bulk,
     email,
-    fresh_postgres,
+    script_database,
     start_worker,
 )
 
@@ -67,11 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     with Sink().running() as sink:
         var = VAR_ROOT / "cpushare"
-        url = (
-            fresh_postgres(PG_URL.rsplit("/", 1)[0] + "/bench_cpushare", "BENCH_PG_URL")
-            if args.db == "postgres"
-            else f"sqlite:///{var / 'db.sqlite3'}"
-        )
+        url = script_database(args.db, var, "cpushare")
         configure_django("config.settings", var, url, REDIS_URL, sink.port)
         worker = start_worker(sink, args.procs, var / "worker.log")
         try:

@@ -28,6 +28,7 @@ from bench.common import (
     email,
     free_port,
     purge_smtp_queues,
+    script_database,
     smtp_rate,
     wait_port,
 )
@@ -100,7 +101,7 @@ def main() -> None:
 def deliver_in_process(sink: Sink, count: int) -> float:
     var = VAR_ROOT / "distant"
     configure_django(
-        "config.settings", var, f"sqlite:///{var / 'db.sqlite3'}", REDIS_URL, sink.port
+        "config.settings", var, script_database("sqlite", var, "distant"), REDIS_URL, sink.port
     )
     from dispatcher import conf, pipeline, toolbox
     from dispatcher.models import Dispatch

@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
-    PG_URL,
     REDIS_URL,
     VAR_ROOT,
     Sink,
@@ -31,8 +30,8 @@ from bench.common import (
     clear,
     configure_django,
     email,
-    fresh_postgres,
     purge_smtp_queues,
+    script_database,
 )
 
 
@@ -46,11 +45,7 @@ def main() -> None:
     sink = Sink()
     with sink.running():
         var = VAR_ROOT / "inprocess"
-        url = (
-            fresh_postgres(PG_URL.rsplit("/", 1)[0] + "/bench_inprocess", "BENCH_PG_URL")
-            if args.db == "postgres"
-            else f"sqlite:///{var / 'db.sqlite3'}"
-        )
+        url = script_database(args.db, var, "inprocess")
         configure_django("config.settings", var, url, REDIS_URL, sink.port)
         from dispatcher import conf, pipeline, toolbox
         from dispatcher.models import Dispatch
