@@ -481,13 +481,9 @@ class _Stream:
             )
 
     def _lost(self, held: tuple[Dispatch, str, str, bytes], exc: Exception) -> None:
-        self.messenger._drop()
-        self.messenger.mark_exception(
-            held[0],
-            TemporaryDeliveryError(
-                f"SMTP connection lost: {exc!r}", alias=self.messenger.alias, dispatch_id=held[0].pk
-            ),
-        )
+        """Marks a held e-mail whose content may have gone on a connection that failed."""
+        dispatch, _, to, _ = held
+        self.messenger.mark_exception(dispatch, self.messenger._failure(exc, to, dispatch.pk))
 
     def _again(
         self, dispatch: Dispatch, message_id: str, sender: str, to: str, data: bytes
